@@ -1,0 +1,131 @@
+"""The one description of the node graph.
+
+Both ``launch/fovea_vla.launch.py`` (launch_ros, on robots) and ``fovea-vla launch`` (plain
+subprocesses, where launch_ros is not installed) build their processes from :func:`node_graph`,
+so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "LAUNCH_ARGUMENTS",
+    "PACKAGE",
+    "LaunchArgument",
+    "NodeSpec",
+    "camera_topics",
+    "config_dir",
+    "node_graph",
+    "parameter_file_paths",
+]
+
+PACKAGE = "fovea_vla"
+BASE_CONFIG = "fovea_vla.yaml"
+
+
+@dataclass(frozen=True)
+class LaunchArgument:
+    name: str
+    default: str
+    description: str
+
+
+LAUNCH_ARGUMENTS = (
+    LaunchArgument(
+        "config",
+        BASE_CONFIG,
+        "Parameter file: a name in the package's config/ folder "
+        "(fovea_vla.yaml, cpu.yaml, desktop_gpu.yaml, jetson_orin.yaml) or a path. Platform files are "
+        "applied on top of fovea_vla.yaml.",
+    ),
+    LaunchArgument(
+        "camera_topic",
+        "image",
+        "Raw camera image topic; `<topic>/compressed` and the sibling "
+        "`camera_info` are derived from it as image_transport does.",
+    ),
+    LaunchArgument("use_replay", "true", "Start camera_replay to publish the camera topics."),
+    LaunchArgument("replay_source", "synthetic", "camera_replay source: synthetic, a video, an image folder or a bag."),
+    LaunchArgument("namespace", "", "Namespace for every node of the graph."),
+    LaunchArgument("rviz", "false", "Start RViz2 with config/fovea_vla.rviz."),
+)
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One process of the graph.
+
+    Attributes:
+        package: ROS package of the executable.
+        executable: console script (ament_python installs it in lib/<package>).
+        name: node name.
+        parameter_files: files in config/ (or absolute paths), applied in order.
+        parameters: overrides applied after the files.
+        remappings: (from, to) topic remappings.
+        arguments: extra command-line arguments (before --ros-args).
+    """
+
+    package: str
+    executable: str
+    name: str
+    parameter_files: tuple[str, ...] = ()
+    parameters: dict = field(default_factory=dict)
+    remappings: tuple[tuple[str, str], ...] = ()
+    arguments: tuple[str, ...] = ()
+
+
+def config_dir() -> Path:
+    """config/ of a source checkout when running from one, else the installed package share."""
+    source = Path(__file__).resolve().parents[1] / "config"
+    if (source / BASE_CONFIG).is_file():
+        return source
+    from ament_index_python.packages import get_package_share_directory
+
+    return Path(get_package_share_directory(PACKAGE)) / "config"
+
+
+def parameter_file_paths(files: tuple[str, ...]) -> list[Path]:
+    """Absolute paths of parameter files named relative to config/."""
+    base = config_dir()
+    return [Path(f) if Path(f).is_absolute() else base / f for f in files]
+
+
+def camera_topics(camera_topic: str) -> dict[str, str]:
+    """The three camera topics for a raw image topic (``/cam/image_raw`` -> ``/cam/camera_info``)."""
+    topic = camera_topic.rstrip("/") or "image"
+    parent, _, _ = topic.rpartition("/")
+    info = f"{parent}/camera_info" if parent else "camera_info"
+    return {"image": topic, "image/compressed": f"{topic}/compressed", "camera_info": info}
+
+
+def _truthy(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("true", "1", "yes", "on"):
+        return True
+    if value.lower() in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def node_graph(
+    config: str = BASE_CONFIG,
+    camera_topic: str = "image",
+    use_replay: str | bool = True,
+    replay_source: str = "synthetic",
+    rviz: str | bool = False,
+    **_ignored,
+) -> list[NodeSpec]:
+    """Processes of the graph for the given launch arguments (same names as LAUNCH_ARGUMENTS)."""
+    files = (BASE_CONFIG,) if config == BASE_CONFIG else (BASE_CONFIG, config)
+    remap = tuple(camera_topics(camera_topic).items())
+    graph = []
+    if _truthy(use_replay):
+        graph.append(NodeSpec(PACKAGE, "camera_replay", "camera_replay", files, {"source": replay_source}, remap))
+    graph.append(NodeSpec(PACKAGE, "fovea_node", "fovea_node", files, {}, remap))
+    if _truthy(rviz):
+        rviz_config = str(config_dir() / "fovea_vla.rviz")
+        graph.append(NodeSpec("rviz2", "rviz2", "rviz2", arguments=("-d", rviz_config)))
+    return graph

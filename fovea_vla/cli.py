@@ -1,0 +1,110 @@
+"""The ``fovea-vla`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _cmd_doctor(args) -> int:
+    from fovea_vla.doctor import doctor_report
+
+    print(doctor_report(args.config))
+    return 0
+
+
+def _parse_launch_arguments(items: list[str]) -> dict[str, str]:
+    from fovea_vla.bringup import LAUNCH_ARGUMENTS
+
+    known = {a.name: a.default for a in LAUNCH_ARGUMENTS}
+    values = dict(known)
+    for item in items:
+        name, sep, value = item.partition(":=")
+        if not sep or name not in known:
+            raise SystemExit(f"launch argument {item!r}: expected NAME:=VALUE with NAME one of {', '.join(known)}")
+        values[name] = value
+    return values
+
+
+def _cmd_launch(args) -> int:
+    from fovea_vla.bringup import node_graph
+    from fovea_vla.launcher import GraphProcesses
+
+    values = _parse_launch_arguments(args.arguments)
+    graph = node_graph(**values)
+    processes = GraphProcesses(graph, namespace=values["namespace"]).start()
+    print(f"[fovea-vla launch] started {', '.join(processes.processes)}; Ctrl-C to stop", flush=True)
+    stop = False
+
+    def _request_stop(*_):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, _request_stop)
+    signal.signal(signal.SIGTERM, _request_stop)
+    try:
+        while not stop:
+            exited = {n: c for n, c in processes.poll().items() if c is not None}
+            if exited:
+                print(f"[fovea-vla launch] node(s) exited: {exited}; stopping the rest", file=sys.stderr)
+                break
+            time.sleep(0.2)
+    finally:
+        codes = processes.stop()
+    return 0 if all(c in (0, -signal.SIGINT) for c in codes.values()) else 1
+
+
+def _cmd_demo(args) -> int:
+    from fovea_vla.demo import run_demo
+
+    summary = run_demo(args.duration, Path(args.out), config=args.config, domain_id=args.domain_id)
+    frames = summary["frames"]
+    print(json.dumps({k: summary[k] for k in ("frames", "capture_to_fixation_ms", "backends")}, indent=2))
+    print(
+        f"[demo] processed {frames['processed']} of {frames['published']} frames published "
+        f"in {summary['duration_s']:.1f} s"
+    )
+    for name, path in summary["files"].items():
+        print(f"[demo] {name:<13} {path}")
+    return 0 if frames["processed"] > 0 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fovea-vla", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    doctor = sub.add_parser("doctor", help="accelerators, backends and what a config selects")
+    doctor.add_argument("--config", default="fovea_vla.yaml", help="parameter file in config/ or a path")
+    doctor.set_defaults(func=_cmd_doctor)
+
+    launch = sub.add_parser(
+        "launch",
+        help="run the node graph as subprocesses (like ros2 launch fovea_vla fovea_vla.launch.py)",
+        description="Arguments as for ros2 launch, e.g. config:=cpu.yaml camera_topic:=/camera/image_raw "
+        "use_replay:=false",
+    )
+    launch.add_argument("arguments", nargs="*", metavar="NAME:=VALUE")
+    launch.set_defaults(func=_cmd_launch)
+
+    demo = sub.add_parser("demo", help="run the graph on the synthetic scene and record video + summary")
+    demo.add_argument("--duration", type=float, default=20.0, help="recording time [s]")
+    demo.add_argument("--out", default="out/demo", help="output folder")
+    demo.add_argument("--config", default="fovea_vla.yaml", help="parameter file in config/ or a path")
+    demo.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID (default: env or random)")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

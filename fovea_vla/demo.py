@@ -1,0 +1,254 @@
+"""``fovea-vla demo``: run the graph on the built-in synthetic scene and record what it shows.
+
+Starts camera_replay and fovea_node as separate processes (the same graph ``ros2 launch`` runs),
+subscribes to their outputs from this process, and writes to the output folder:
+``demo.mp4`` (the debug image in real time), ``contact_sheet.png`` and ``summary.json``
+(frames in / processed / dropped by reason, per-stage latency percentiles, backends).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from fovea_vla.bringup import node_graph
+from fovea_vla.launcher import GraphProcesses
+
+__all__ = ["run_demo"]
+
+# Why a frame can be missing between camera_replay and fovea_node, for the summary.
+DROP_EXPLANATIONS = {
+    "transport_superseded": "published but replaced in fovea_node's depth-1 best-effort queue by a newer frame "
+    "while it was busy (sensor-data QoS: always process the newest frame)",
+    "stale": "older than max_frame_age_ms when it arrived",
+    "in_flight_at_stop": "published in the last moments and still in flight when the graph was stopped",
+}
+
+
+def _ros_environment(domain_id: int | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("ROS_LOCALHOST_ONLY", "1")
+    env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    if domain_id is not None:
+        env["ROS_DOMAIN_ID"] = str(domain_id)
+    elif "ROS_DOMAIN_ID" not in env:
+        env["ROS_DOMAIN_ID"] = str(random.randint(30, 99))
+    return env
+
+
+class _Recorder:
+    """Subscribes to the graph's outputs and writes the video as frames arrive."""
+
+    def __init__(self, node, out_dir: Path, fps: float):
+        from sensor_msgs.msg import CameraInfo, Image
+        from visualization_msgs.msg import MarkerArray
+
+        from fovea_vla.nodes import qos
+        from fovea_vla_msgs.msg import Fixation, PipelineStats
+
+        self.node = node
+        self.fps = fps
+        self.video_path = out_dir / "demo.mp4"
+        self.writer = None
+        self.video_frames = 0
+        self.debug_frames = 0
+        self.first_stamp_ns: int | None = None
+        self.snapshots: list[tuple[float, np.ndarray]] = []
+        self.camera_infos = 0
+        self.fixations = 0
+        self.marker_arrays = 0
+        self.sources: Counter[str] = Counter()
+        self.latency_ms: list[float] = []
+        self.last_stats = None
+        node.create_subscription(Image, "debug_image", self._on_debug, qos.sensor("reliable", 30))
+        node.create_subscription(CameraInfo, "camera_info", self._on_info, qos.sensor("reliable", 30))
+        node.create_subscription(Fixation, "fixation", self._on_fixation, qos.outputs(30))
+        node.create_subscription(MarkerArray, "markers", self._on_markers, qos.outputs(30))
+        node.create_subscription(PipelineStats, "stats", self._on_stats, qos.outputs(30))
+
+    def _on_info(self, _msg) -> None:
+        self.camera_infos += 1
+
+    def _on_markers(self, _msg) -> None:
+        self.marker_arrays += 1
+
+    def _on_fixation(self, msg) -> None:
+        from fovea_vla.nodes.messages import stamp_to_ns
+
+        self.fixations += 1
+        self.sources[{0: "default", 1: "pursuit", 2: "saccade", 3: "external", 4: "query"}.get(msg.source, "?")] += 1
+        self.latency_ms.append((self.node.get_clock().now().nanoseconds - stamp_to_ns(msg.header.stamp)) * 1e-6)
+
+    def _on_stats(self, msg) -> None:
+        self.last_stats = msg
+
+    def _on_debug(self, msg) -> None:
+        from fovea_vla.core.frames import image_to_rgb
+        from fovea_vla.nodes.messages import stamp_to_ns
+
+        rgb = image_to_rgb(msg.data, msg.width, msg.height, msg.encoding, msg.step, bool(msg.is_bigendian))
+        stamp = stamp_to_ns(msg.header.stamp)
+        if self.first_stamp_ns is None:
+            self.first_stamp_ns = stamp
+            fourcc = cv2.VideoWriter_fourcc(*"mp4v")
+            self.writer = cv2.VideoWriter(str(self.video_path), fourcc, self.fps, (msg.width, msg.height))
+            if not self.writer.isOpened():
+                raise RuntimeError(f"cannot open a video writer for {self.video_path}")
+        self.debug_frames += 1
+        t = (stamp - self.first_stamp_ns) * 1e-9
+        # Repeat frames to keep real time when the node processed fewer frames than the camera sent.
+        target = round(t * self.fps) + 1
+        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        while self.video_frames < target:
+            self.writer.write(bgr)
+            self.video_frames += 1
+        self.snapshots.append((t, rgb))
+        if len(self.snapshots) > 400:
+            # Keep memory bounded: thin out evenly, keeping the first and the newest.
+            self.snapshots = [*self.snapshots[::2], self.snapshots[-1]]
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.release()
+
+
+def _contact_sheet(snapshots: list[tuple[float, np.ndarray]], path: Path, count: int = 6) -> None:
+    picks = [snapshots[int(i)] for i in np.linspace(0, len(snapshots) - 1, min(count, len(snapshots)))]
+    tiles = []
+    for t, rgb in picks:
+        tile = cv2.resize(rgb, (480, round(480 * rgb.shape[0] / rgb.shape[1])), interpolation=cv2.INTER_AREA)
+        cv2.putText(tile, f"t = {t:5.1f} s", (8, tile.shape[0] - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 3)
+        cv2.putText(tile, f"t = {t:5.1f} s", (8, tile.shape[0] - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 1)
+        tiles.append(tile)
+    while len(tiles) % 3:
+        tiles.append(np.zeros_like(tiles[0]))
+    rows = [np.concatenate(tiles[i : i + 3], axis=1) for i in range(0, len(tiles), 3)]
+    sheet = np.concatenate(rows, axis=0)
+    cv2.imwrite(str(path), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    p50, p90, p99 = np.percentile(np.asarray(values), [50, 90, 99])
+    return {"p50": round(float(p50), 2), "p90": round(float(p90), 2), "p99": round(float(p99), 2), "count": len(values)}
+
+
+def run_demo(
+    duration_s: float = 20.0,
+    out_dir: Path = Path("out/demo"),
+    *,
+    config: str = "fovea_vla.yaml",
+    domain_id: int | None = None,
+    discovery_timeout_s: float = 30.0,
+) -> dict:
+    """Run the demo graph for ``duration_s`` seconds and write its outputs; returns the summary."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = _ros_environment(domain_id)
+    os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "ROS_LOCALHOST_ONLY", "ROS_AUTOMATIC_DISCOVERY_RANGE")})
+    fps = 30.0
+    graph = node_graph(config=config, use_replay=True, replay_source="synthetic")
+    overrides = {
+        "camera_replay": {"rate_hz": fps, "synthetic.camera_motion": True, "synthetic.scene_cut_every_s": 8.0},
+        "fovea_node": {"debug_image.max_rate_hz": 0.0},
+    }
+    print(
+        f"[demo] ROS_DOMAIN_ID={env['ROS_DOMAIN_ID']}: starting {', '.join(s.name for s in graph)} "
+        f"(logs in {out_dir / 'logs'})",
+        flush=True,
+    )
+
+    rclpy.init()
+    node = rclpy.create_node("fovea_demo_recorder")
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    recorder = _Recorder(node, out_dir, fps)
+    processes = GraphProcesses(graph, parameters=overrides, env=env, log_dir=out_dir / "logs").start()
+    exit_codes: dict[str, int | None] = {}
+    try:
+        deadline = time.monotonic() + discovery_timeout_s
+        while recorder.debug_frames == 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no debug image within {discovery_timeout_s:.0f} s; see {out_dir / 'logs'}")
+            failed = {n: c for n, c in processes.poll().items() if c is not None}
+            if failed:
+                raise RuntimeError(f"node(s) exited early {failed}; see {out_dir / 'logs'}")
+            executor.spin_once(timeout_sec=0.1)
+        start = time.monotonic()
+        infos_at_start = recorder.camera_infos
+        stats_at_start = recorder.last_stats
+        print(f"[demo] graph running; recording {duration_s:.0f} s", flush=True)
+        while time.monotonic() - start < duration_s:
+            executor.spin_once(timeout_sec=0.1)
+        wall_s = time.monotonic() - start
+    finally:
+        exit_codes = processes.stop()
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            executor.spin_once(timeout_sec=0.05)
+        recorder.close()
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+    stats = recorder.last_stats
+    if stats is None:
+        raise RuntimeError("fovea_node published no stats")
+    # Count over the recording window only: the recorder joined after camera_replay started.
+    before = stats_at_start
+    drops = {d.reason: int(d.count) for d in stats.drops}
+    if before is not None:
+        for d in before.drops:
+            drops[d.reason] = drops.get(d.reason, 0) - int(d.count)
+    drops = {reason: count for reason, count in drops.items() if count > 0}
+    published = recorder.camera_infos - infos_at_start
+    received = int(stats.frames_received) - (int(before.frames_received) if before else 0)
+    processed = int(stats.frames_processed) - (int(before.frames_processed) if before else 0)
+    if published > received:
+        drops["transport_superseded"] = published - received
+    summary = {
+        "duration_s": round(wall_s, 2),
+        "domain_id": int(env["ROS_DOMAIN_ID"]),
+        "config": config,
+        "frames": {
+            "published": published,
+            "received": received,
+            "processed": processed,
+            "dropped": drops,
+            "drop_explanations": {reason: DROP_EXPLANATIONS.get(reason, "see fovea_node log") for reason in drops},
+            "processed_since_start": int(stats.frames_processed),
+        },
+        "stage_latency_ms": {
+            s.stage: {"last": round(s.last_ms, 3), "p50": round(s.p50_ms, 3), "p99": round(s.p99_ms, 3)}
+            for s in stats.stages
+        },
+        "capture_to_fixation_ms": _percentiles(recorder.latency_ms),
+        "fixation_sources": dict(recorder.sources),
+        "backends": {b.stage: {"backend": b.backend, "reason": b.reason} for b in stats.backends},
+        "num_tokens": int(stats.num_tokens),
+        "outputs_received": {
+            "fixation": recorder.fixations,
+            "markers": recorder.marker_arrays,
+            "debug_image": recorder.debug_frames,
+        },
+        "node_exit_codes": exit_codes,
+        "files": {},
+    }
+    if recorder.snapshots:
+        _contact_sheet(recorder.snapshots, out_dir / "contact_sheet.png")
+        summary["files"]["contact_sheet"] = str(out_dir / "contact_sheet.png")
+    if recorder.video_frames:
+        summary["files"]["video"] = str(recorder.video_path)
+    summary["files"]["summary"] = str(out_dir / "summary.json")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,102 @@
+"""``fovea-vla doctor``: what this machine can run, and what a configuration would select."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+from fovea_vla.core.accel import probe_all
+
+__all__ = ["doctor_report"]
+
+
+def _ros_distro() -> str:
+    if os.environ.get("ROS_DISTRO"):
+        return f"{os.environ['ROS_DISTRO']} (ROS_DISTRO)"
+    for dist in importlib.metadata.distributions():
+        match = re.fullmatch(r"ros-([a-z]+)-rclpy", (dist.metadata["Name"] or "").lower())
+        if match:
+            return f"{match.group(1)} (PyPI wheels, {dist.metadata['Name']} {dist.version})"
+    return "unknown"
+
+
+def _versions() -> list[tuple[str, str]]:
+    rows = []
+    for module in ("numpy", "cv2", "torch", "rclpy"):
+        try:
+            imported = importlib.import_module(module)
+            rows.append((module, getattr(imported, "__version__", "importable")))
+        except Exception as exc:
+            rows.append((module, f"NOT importable: {type(exc).__name__}: {exc}"))
+    try:
+        importlib.import_module("fovea_vla_msgs.msg")
+        rows.append(("fovea_vla_msgs", "importable"))
+    except Exception as exc:
+        rows.append(("fovea_vla_msgs", f"NOT importable: {exc} (run `make install` or colcon build)"))
+    return rows
+
+
+def _stage_registries():
+    from fovea_vla.core.flow import FLOW_BACKENDS
+    from fovea_vla.core.texture import TEXTURE_BACKENDS
+
+    return {"flow": FLOW_BACKENDS, "texture": TEXTURE_BACKENDS}
+
+
+def _selection(config: str) -> list[str]:
+    from fovea_vla.bringup import BASE_CONFIG, parameter_file_paths
+    from fovea_vla.nodes.fovea_node import PARAMS, pipeline_config
+    from fovea_vla.nodes.params import values_from_files
+
+    files = (BASE_CONFIG,) if config == BASE_CONFIG else (BASE_CONFIG, config)
+    paths = parameter_file_paths(files)
+    lines = [f"Selection for {' + '.join(str(p) for p in paths)}:"]
+    values = values_from_files(PARAMS, paths, "fovea_node")
+    cfg = pipeline_config(values)
+    registries = _stage_registries()
+    wanted = {"flow": (cfg.flow.backend, "flow.backend"), "texture": (cfg.texture.backend, "texture.backend")}
+    for stage, (name, field) in wanted.items():
+        try:
+            choice = registries[stage].select(name, field=field)
+            lines.append(f"  {stage:<8} {field}={name!r} -> {choice.name} ({choice.reason})")
+        except (ValueError, RuntimeError) as exc:
+            lines.append(f"  {stage:<8} {field}={name!r} -> FAILS: {exc}")
+    lines.append(f"  {'device':<8} texture.device={cfg.texture.device!r} -> {cfg.texture.resolved_device()}")
+    return lines
+
+
+def doctor_report(config: str | None = "fovea_vla.yaml") -> str:
+    """Multi-line report: platform, versions, accelerators, backends per stage, config selection."""
+    lines = [
+        "fovea-vla doctor",
+        f"  python     {platform.python_version()} ({sys.executable})",
+        f"  platform   {platform.platform()} {platform.machine()}",
+        f"  ROS 2      {_ros_distro()}",
+    ]
+    lines += [f"  {name:<10} {version}" for name, version in _versions()]
+    lines.append("Accelerators:")
+    for name, (ok, reason) in probe_all().items():
+        lines.append(f"  [{'yes' if ok else ' no'}] {name:<28} {reason}")
+    lines.append("Backends per stage (auto preference order):")
+    for stage, registry in _stage_registries().items():
+        planned = [n for n in registry.auto_order if n not in registry.names()]
+        for name, (ok, reason) in registry.report().items():
+            lines.append(f"  {stage:<8} [{'yes' if ok else ' no'}] {name:<7} {reason}")
+        for name in planned:
+            lines.append(f"  {stage:<8} [ no] {name:<7} not part of this release yet")
+    if config:
+        try:
+            lines += _selection(config)
+        except Exception as exc:
+            lines.append(f"Selection for {config}: cannot evaluate: {type(exc).__name__}: {exc}")
+    return "\n".join(lines)
+
+
+def config_names() -> list[str]:
+    from fovea_vla.bringup import config_dir
+
+    return sorted(p.name for p in Path(config_dir()).glob("*.yaml"))

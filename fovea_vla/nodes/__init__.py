@@ -1,0 +1,1 @@
+"""Thin rclpy adapters: ROS parameters -> core configs, messages <-> core types."""

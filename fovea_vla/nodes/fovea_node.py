@@ -1,0 +1,419 @@
+"""fovea_node: camera frames in; fixation, markers, debug image and stats out.
+
+Subscribes ``image`` (sensor_msgs/Image) or ``image/compressed`` (sensor_msgs/CompressedImage),
+and ``camera_info``; runs :class:`fovea_vla.core.pipeline.FoveaPipeline` on each fresh frame and
+publishes ``fixation``, ``fixations``, ``markers``, ``debug_image`` and ``stats``, every one
+stamped with the capture stamp and frame_id of the frame it came from. Services
+``set_fixation`` and ``set_instruction``; RViz's Publish Point tool on ``clicked_point``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import cv2
+import numpy as np
+import rclpy
+from geometry_msgs.msg import PointStamped
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from std_msgs.msg import Header, String
+from visualization_msgs.msg import MarkerArray
+
+from fovea_vla.core.fixation import FixationConfig
+from fovea_vla.core.flow import FlowConfig
+from fovea_vla.core.foveation import FoveationConfig
+from fovea_vla.core.frames import FrameError
+from fovea_vla.core.overlay import draw_overlay
+from fovea_vla.core.pipeline import FoveaPipeline, PipelineConfig, PipelineOutput
+from fovea_vla.core.stats import DropCounter, LatencyTracker, RateMeter
+from fovea_vla.core.texture import TextureConfig
+from fovea_vla.nodes import qos
+from fovea_vla.nodes.markers import MarkerBuilder, delete_all
+from fovea_vla.nodes.messages import (
+    CameraModel,
+    fixation_array_msg,
+    fixation_msg,
+    frame_from_compressed,
+    frame_from_image,
+    image_msg,
+    ns_to_stamp,
+)
+from fovea_vla.nodes.params import ParamSpec, declare_all
+from fovea_vla_msgs.msg import BackendChoice, DropCount, Fixation, FixationArray, PipelineStats, StageLatency
+from fovea_vla_msgs.srv import SetFixation, SetInstruction
+
+PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec(
+        "image_transport",
+        "raw",
+        "Which camera topic to subscribe: `image` (raw) or `image/compressed`.",
+        choices=("raw", "compressed"),
+    ),
+    ParamSpec(
+        "sensor_qos.reliability", "best_effort", "Reliability of the camera subscriptions.", choices=qos.RELIABILITIES
+    ),
+    ParamSpec(
+        "sensor_qos.depth", 1, "Queue depth of the camera subscriptions (1 = always the newest frame).", range=(1, 100)
+    ),
+    ParamSpec(
+        "max_frame_age_ms",
+        500.0,
+        "Frames older than this (capture stamp to arrival) are dropped and counted as `stale`; 0 disables the check.",
+        range=(0.0, 60000.0),
+    ),
+    ParamSpec(
+        "max_image_pixels", 16_777_216, "Larger frames are refused (counted as `too_large`).", range=(1, 268_435_456)
+    ),
+    ParamSpec(
+        "default_fov_deg",
+        60.0,
+        "Horizontal field of view assumed until a CameraInfo arrives [deg].",
+        range=(1.0, 179.0),
+    ),
+    ParamSpec("flow.enabled", True, "Compute optical flow between consecutive frames (drives pursuit)."),
+    ParamSpec(
+        "flow.backend",
+        "auto",
+        "Optical-flow backend; `auto` picks the best available.",
+        choices=("auto", "vpi", "nvof", "torch", "dis"),
+    ),
+    ParamSpec("flow.grid", 4, "Flow output grid [px]: 1 = dense, 4 = one vector per 4x4 block.", range=(1, 4)),
+    ParamSpec("flow.preset", "ultrafast", "Flow quality preset.", choices=("ultrafast", "fast", "medium", "slow")),
+    ParamSpec("flow.scale", 0.5, "Frames are resized by this factor before flow.", range=(0.05, 1.0)),
+    ParamSpec(
+        "texture.backend",
+        "auto",
+        "Texture pyramid backend; `auto` picks the best available.",
+        choices=("auto", "gl", "cupy", "torch"),
+    ),
+    ParamSpec("texture.device", "auto", "Torch device of the sampled patches: auto, cpu or cuda[:N]."),
+    ParamSpec("foveation.num_tokens", 273, "Foveated patches per frame (token budget).", range=(1, 16384)),
+    ParamSpec("foveation.patch_size", 16, "Samples per patch side.", range=(2, 64)),
+    ParamSpec(
+        "foveation.e0_fraction",
+        0.3,
+        "Fovea size e0 as a fraction of the image half-diagonal (M(e) = M0 / (e + e0)).",
+        range=(0.01, 4.0),
+    ),
+    ParamSpec(
+        "foveation.e0_deg",
+        0.0,
+        "Fovea size e0 in degrees, used when CameraInfo is known; 0 = use e0_fraction.",
+        range=(0.0, 89.0),
+    ),
+    ParamSpec(
+        "fixation.window_fraction",
+        0.15,
+        "Pursuit window radius as a fraction of the image half-diagonal.",
+        range=(0.01, 1.0),
+    ),
+    ParamSpec(
+        "fixation.motion_threshold_px",
+        0.6,
+        "Flow above this after removing camera motion counts as moving [px/frame].",
+        range=(0.01, 100.0),
+    ),
+    ParamSpec(
+        "fixation.min_moving_fraction", 0.04, "Share of the window that must move for pursuit.", range=(0.001, 1.0)
+    ),
+    ParamSpec("fixation.alpha", 0.5, "Position gain of the pursuit alpha-beta filter.", range=(0.01, 1.0)),
+    ParamSpec("fixation.beta", 0.15, "Velocity gain of the pursuit alpha-beta filter.", range=(0.0, 0.99)),
+    ParamSpec(
+        "fixation.acquire_after_s",
+        0.4,
+        "Idle time in the fovea before a saccade to motion elsewhere [s].",
+        range=(0.0, 60.0),
+    ),
+    ParamSpec("fixation.min_saccade_interval_s", 0.25, "Shortest time between saccades [s].", range=(0.0, 60.0)),
+    ParamSpec(
+        "fixation.external_hold_s",
+        3.0,
+        "Hold time of set_fixation / clicked_point requests without their own [s].",
+        range=(0.01, 3600.0),
+    ),
+    ParamSpec("debug_image.enabled", True, "Publish `debug_image` (the frame with overlays)."),
+    ParamSpec(
+        "debug_image.max_rate_hz",
+        15.0,
+        "Upper bound on the debug image rate; 0 = every frame [Hz].",
+        range=(0.0, 1000.0),
+    ),
+    ParamSpec(
+        "debug_image.max_width",
+        960,
+        "Debug images wider than this are downscaled; 0 = full size [px].",
+        range=(0, 16384),
+    ),
+    ParamSpec("markers.depth_m", 1.0, "Distance of the marker plane in front of the camera [m].", range=(0.01, 100.0)),
+    ParamSpec("markers.lifetime_s", 0.5, "Marker lifetime; 0 = until replaced [s].", range=(0.0, 60.0)),
+    ParamSpec(
+        "markers.flow_spacing_px", 48, "Spacing of flow arrows in markers and debug image [px].", range=(4, 1024)
+    ),
+    ParamSpec("markers.show_patches", True, "Draw every foveated patch footprint."),
+)
+
+
+class ConfigError(ValueError):
+    """A parameter value was refused; the message names the parameter."""
+
+
+def pipeline_config(values: dict) -> PipelineConfig:
+    """The one mapping from ROS parameter values onto the core configuration.
+
+    Raises:
+        ConfigError: a value the core refuses (the message names the parameter).
+    """
+    try:
+        return PipelineConfig(
+            flow=FlowConfig(
+                backend=values["flow.backend"],
+                grid=values["flow.grid"],
+                preset=values["flow.preset"],
+                scale=values["flow.scale"],
+            ),
+            flow_enabled=values["flow.enabled"],
+            texture=TextureConfig(backend=values["texture.backend"], device=values["texture.device"]),
+            foveation=FoveationConfig(
+                num_tokens=values["foveation.num_tokens"],
+                patch_size=values["foveation.patch_size"],
+                e0_fraction=values["foveation.e0_fraction"],
+                e0_deg=values["foveation.e0_deg"] or None,
+            ),
+            fixation=FixationConfig(
+                window_fraction=values["fixation.window_fraction"],
+                motion_threshold_px=values["fixation.motion_threshold_px"],
+                min_moving_fraction=values["fixation.min_moving_fraction"],
+                alpha=values["fixation.alpha"],
+                beta=values["fixation.beta"],
+                acquire_after_s=values["fixation.acquire_after_s"],
+                min_saccade_interval_s=values["fixation.min_saccade_interval_s"],
+                external_hold_s=values["fixation.external_hold_s"],
+            ),
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+class FoveaNode(Node):
+    """The per-frame pipeline as a ROS node."""
+
+    def __init__(self, **kwargs):
+        super().__init__("fovea_node", **kwargs)
+        try:
+            self.params = declare_all(self, PARAMS)
+            cfg = pipeline_config(self.params)
+            self.pipeline = FoveaPipeline(cfg)
+        except (ValueError, RuntimeError) as exc:
+            raise ConfigError(f"fovea_node: invalid configuration: {exc}") from exc
+        for stage, choice in self.pipeline.backends.items():
+            self.get_logger().info(f"{stage} backend: {choice.name} ({choice.reason})")
+
+        p = self.params
+        self.camera = CameraModel(p["default_fov_deg"])
+        self.markers = MarkerBuilder(
+            self.camera,
+            depth_m=p["markers.depth_m"],
+            lifetime_s=p["markers.lifetime_s"],
+            flow_spacing_px=p["markers.flow_spacing_px"],
+            show_patches=p["markers.show_patches"],
+        )
+        self.latency = LatencyTracker()
+        self.drops = DropCounter()
+        self.input_rate = RateMeter()
+        self.frames_received = 0
+        self.frames_processed = 0
+        self.instruction = ""
+        self._last_debug_s = -1e9
+        self._markers_cleared = False
+
+        sensor_qos = qos.sensor(p["sensor_qos.reliability"], p["sensor_qos.depth"])
+        if p["image_transport"] == "compressed":
+            self.create_subscription(CompressedImage, "image/compressed", self._on_compressed, sensor_qos)
+        else:
+            self.create_subscription(Image, "image", self._on_image, sensor_qos)
+        self.create_subscription(CameraInfo, "camera_info", self.camera.update, sensor_qos)
+        self.create_subscription(PointStamped, "clicked_point", self._on_clicked_point, qos.outputs())
+        self.create_subscription(String, "instruction", self._on_instruction, qos.outputs())
+
+        out = qos.outputs()
+        self.pub_fixation = self.create_publisher(Fixation, "fixation", out)
+        self.pub_fixations = self.create_publisher(FixationArray, "fixations", out)
+        self.pub_markers = self.create_publisher(MarkerArray, "markers", out)
+        self.pub_debug = self.create_publisher(Image, "debug_image", qos.sensor("reliable", 2))
+        self.pub_stats = self.create_publisher(PipelineStats, "stats", out)
+        self.create_service(SetFixation, "set_fixation", self._on_set_fixation)
+        self.create_service(SetInstruction, "set_instruction", self._on_set_instruction)
+        self._last_size: tuple[int, int] | None = None
+        self.get_logger().info(
+            f"listening on {self.resolve_topic_name('image' if p['image_transport'] == 'raw' else 'image/compressed')}"
+        )
+
+    # -- inputs -----------------------------------------------------------------------------
+    def _on_image(self, msg: Image) -> None:
+        self._handle(msg, frame_from_image)
+
+    def _on_compressed(self, msg: CompressedImage) -> None:
+        self._handle(msg, frame_from_compressed)
+
+    def _handle(self, msg, decode) -> None:
+        arrival_ns = self.get_clock().now().nanoseconds
+        self.frames_received += 1
+        self.input_rate.tick(time.monotonic())
+        t0 = time.perf_counter()
+        try:
+            frame = decode(msg, max_pixels=self.params["max_image_pixels"])
+        except FrameError as exc:
+            self._drop(exc.reason, str(exc))
+            return
+        decode_ms = (time.perf_counter() - t0) * 1e3
+        age_ms = (arrival_ns - frame.stamp_ns) * 1e-6
+        limit = self.params["max_frame_age_ms"]
+        if limit > 0 and age_ms > limit:
+            self._drop("stale", f"frame is {age_ms:.0f} ms old (max_frame_age_ms={limit:.0f})")
+            return
+        if not frame.frame_id:
+            frame = type(frame)(rgb=frame.rgb, stamp_ns=frame.stamp_ns, frame_id="camera")
+        fx = self.camera.intrinsics(frame.rgb.shape[1], frame.rgb.shape[0])[0] if self.camera.known else None
+        try:
+            output = self.pipeline.process(frame, focal_px=fx)
+        except Exception as exc:  # a backend failure on one frame must not take the node down
+            self._drop("pipeline_error", f"{type(exc).__name__}: {exc}")
+            return
+        self.frames_processed += 1
+        timing = {"decode": decode_ms, **output.timing_ms}
+        self.latency.add_all(timing)
+        self._publish(output, age_ms, fx)
+
+    def _drop(self, reason: str, detail: str) -> None:
+        self.drops.add(reason)
+        self.get_logger().warning(f"dropped frame ({reason}): {detail}", throttle_duration_sec=2.0)
+
+    def _on_set_fixation(self, request: SetFixation.Request, response: SetFixation.Response):
+        if request.clear:
+            self.pipeline.clear_external_fixation()
+            response.success, response.message = True, "external fixation cleared"
+            return response
+        x, y = float(request.x), float(request.y)
+        if not (np.isfinite(x) and np.isfinite(y)):
+            response.success, response.message = False, "x and y must be finite"
+            return response
+        if request.normalized:
+            if self._last_size is None:
+                response.success, response.message = False, "no frame seen yet: normalized position has no size"
+                return response
+            x, y = x * (self._last_size[0] - 1), y * (self._last_size[1] - 1)
+        self.pipeline.set_external_fixation(x, y, float(request.hold_s) if request.hold_s > 0 else None)
+        response.success, response.message = True, f"fixation set to ({x:.1f}, {y:.1f}) px"
+        return response
+
+    def _on_clicked_point(self, msg: PointStamped) -> None:
+        if self._last_size is None:
+            self.get_logger().warning("clicked_point before any frame: ignored")
+            return
+        pixel = self.camera.project((msg.point.x, msg.point.y, msg.point.z), *self._last_size)
+        if pixel is None:
+            self.get_logger().warning("clicked_point is behind the camera (expects the camera optical frame)")
+            return
+        self.pipeline.set_external_fixation(*pixel)
+
+    def _on_set_instruction(self, request: SetInstruction.Request, response: SetInstruction.Response):
+        self._set_instruction(request.instruction)
+        response.success, response.message = True, "instruction set"
+        return response
+
+    def _on_instruction(self, msg: String) -> None:
+        self._set_instruction(msg.data)
+
+    def _set_instruction(self, text: str) -> None:
+        self.instruction = text
+        self.get_logger().info(f"instruction: {text!r}")
+
+    # -- outputs ----------------------------------------------------------------------------
+    def _publish(self, output: PipelineOutput, age_ms: float, focal_px: float | None) -> None:
+        header = Header(stamp=ns_to_stamp(output.stamp_ns), frame_id=output.frame_id)
+        self._last_size = (output.width, output.height)
+        self.pub_fixation.publish(fixation_msg(output.fixation, output, header, focal_px))
+        self.pub_fixations.publish(fixation_array_msg(output, header, focal_px))
+        if not self._markers_cleared:
+            self.pub_markers.publish(delete_all(header))
+            self._markers_cleared = True
+        self.pub_markers.publish(self.markers.build(output, header))
+        self._publish_debug(output, header)
+        self.pub_stats.publish(self._stats(output, header, age_ms))
+
+    def _publish_debug(self, output: PipelineOutput, header: Header) -> None:
+        p = self.params
+        if not p["debug_image.enabled"] or self.pub_debug.get_subscription_count() == 0:
+            return
+        now = time.monotonic()
+        rate = p["debug_image.max_rate_hz"]
+        if rate > 0 and now - self._last_debug_s < 1.0 / rate:
+            return
+        self._last_debug_s = now
+        flow = None if output.flow is None else output.flow.flow
+        label = f"{output.fixation.source.name.lower()}  {output.timing_ms['total']:.1f} ms"
+        canvas = draw_overlay(
+            output.rgb,
+            output.fixation,
+            output.layout,
+            flow,
+            output.flow_grid,
+            arrow_spacing_px=p["markers.flow_spacing_px"],
+            label=label,
+        )
+        max_width = p["debug_image.max_width"]
+        if max_width and canvas.shape[1] > max_width:
+            scale = max_width / canvas.shape[1]
+            canvas = cv2.resize(canvas, (max_width, round(canvas.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+        self.pub_debug.publish(image_msg(canvas, header))
+
+    def _stats(self, output: PipelineOutput, header: Header, age_ms: float) -> PipelineStats:
+        stages = [
+            StageLatency(
+                stage=stage,
+                last_ms=self.latency.last(stage),
+                p50_ms=self.latency.percentile(stage, 50),
+                p99_ms=self.latency.percentile(stage, 99),
+            )
+            for stage in self.latency.stages()
+        ]
+        return PipelineStats(
+            header=header,
+            frames_received=self.frames_received,
+            frames_processed=self.frames_processed,
+            drops=[DropCount(reason=r, count=c) for r, c in self.drops.items()],
+            decision=PipelineStats.DECISION_NONE,
+            changed_fraction=0.0,
+            num_tokens=output.layout.num_tokens,
+            stages=stages,
+            backends=[
+                BackendChoice(stage=s, backend=c.name, reason=c.reason) for s, c in self.pipeline.backends.items()
+            ],
+            input_rate_hz=float(self.input_rate.rate_hz()),
+            frame_age_ms=float(age_ms),
+        )
+
+
+def main(args=None) -> int:
+    rclpy.init(args=args)
+    try:
+        node = FoveaNode()
+    except ConfigError as exc:
+        rclpy.logging.get_logger("fovea_node").fatal(str(exc))
+        rclpy.try_shutdown()
+        return 2
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""RViz markers for the pipeline's state, in the camera's optical frame.
+
+Image positions are placed on a plane ``depth_m`` in front of the camera through the camera
+intrinsics, so RViz's Camera display overlays them exactly on the image, and the 3D view shows
+them where the camera looks. Namespaces and ids are fixed so each marker replaces itself on the
+next frame; lifetimes make them vanish when the node stops publishing.
+"""
+
+from __future__ import annotations
+
+import math
+
+from builtin_interfaces.msg import Duration
+from geometry_msgs.msg import Point, Pose, Quaternion, Vector3
+from std_msgs.msg import ColorRGBA, Header
+from visualization_msgs.msg import Marker, MarkerArray
+
+from fovea_vla.core.fixation import grid_centers
+from fovea_vla.core.overlay import SOURCE_COLORS, level_color
+from fovea_vla.core.pipeline import PipelineOutput
+from fovea_vla.nodes.messages import CameraModel
+
+__all__ = ["MARKER_NAMESPACES", "MarkerBuilder", "delete_all"]
+
+MARKER_NAMESPACES = ("fixation", "fovea", "window", "velocity", "flow", "patches", "label")
+_IDENTITY = Quaternion(x=0.0, y=0.0, z=0.0, w=1.0)
+
+
+def _rgba(rgb: tuple[int, int, int], alpha: float = 1.0) -> ColorRGBA:
+    return ColorRGBA(r=rgb[0] / 255.0, g=rgb[1] / 255.0, b=rgb[2] / 255.0, a=alpha)
+
+
+def delete_all(header: Header) -> MarkerArray:
+    """A MarkerArray that clears every marker this node published before."""
+    return MarkerArray(markers=[Marker(header=header, action=Marker.DELETEALL)])
+
+
+class MarkerBuilder:
+    """Builds the MarkerArray for one pipeline output.
+
+    Args:
+        camera: intrinsics used to place pixels in 3D.
+        depth_m: distance of the marker plane from the camera [m].
+        lifetime_s: marker lifetime [s]; 0 keeps them until replaced.
+        flow_spacing_px: spacing of flow arrows [px].
+        show_patches: draw every patch footprint.
+    """
+
+    def __init__(
+        self,
+        camera: CameraModel,
+        *,
+        depth_m: float = 1.0,
+        lifetime_s: float = 0.5,
+        flow_spacing_px: int = 48,
+        show_patches: bool = True,
+    ):
+        self.camera = camera
+        self.depth_m = depth_m
+        self.lifetime = Duration(sec=int(lifetime_s), nanosec=int((lifetime_s % 1.0) * 1e9))
+        self.flow_spacing_px = flow_spacing_px
+        self.show_patches = show_patches
+
+    def _point(self, x: float, y: float, out: PipelineOutput, depth: float | None = None) -> Point:
+        px, py, pz = self.camera.unproject(x, y, out.width, out.height, depth or self.depth_m)
+        return Point(x=float(px), y=float(py), z=float(pz))
+
+    def _marker(self, header: Header, ns: str, kind: int, scale: Vector3, color: ColorRGBA) -> Marker:
+        return Marker(
+            header=header,
+            ns=ns,
+            id=0,
+            type=kind,
+            action=Marker.ADD,
+            pose=Pose(orientation=_IDENTITY),
+            scale=scale,
+            color=color,
+            lifetime=self.lifetime,
+        )
+
+    def _metres_per_px(self, out: PipelineOutput) -> float:
+        fx = self.camera.intrinsics(out.width, out.height)[0]
+        return self.depth_m / fx
+
+    def _circle(self, header, ns, out, cx, cy, radius_px, color, width_px) -> Marker:
+        mpp = self._metres_per_px(out)
+        marker = self._marker(header, ns, Marker.LINE_STRIP, Vector3(x=width_px * mpp), color)
+        steps = 48
+        marker.points = [
+            self._point(
+                cx + radius_px * math.cos(2 * math.pi * i / steps),
+                cy + radius_px * math.sin(2 * math.pi * i / steps),
+                out,
+            )
+            for i in range(steps + 1)
+        ]
+        return marker
+
+    def build(self, out: PipelineOutput, header: Header) -> MarkerArray:
+        """Markers for one frame; ``header`` carries the frame's capture stamp and camera frame."""
+        fix = out.fixation
+        mpp = self._metres_per_px(out)
+        color = SOURCE_COLORS[fix.source]
+        markers = []
+
+        sphere_px = 6.0 + 10.0 * fix.confidence
+        sphere = self._marker(
+            header,
+            "fixation",
+            Marker.SPHERE,
+            Vector3(x=sphere_px * mpp, y=sphere_px * mpp, z=sphere_px * mpp),
+            _rgba(color),
+        )
+        sphere.pose = Pose(position=self._point(fix.x, fix.y, out), orientation=_IDENTITY)
+        markers.append(sphere)
+
+        fovea = out.layout
+        markers.append(
+            self._circle(
+                header, "fovea", out, fovea.fixation[0], fovea.fixation[1], fovea.e0, _rgba((255, 255, 255), 0.8), 1.5
+            )
+        )
+        markers.append(self._circle(header, "window", out, fix.x, fix.y, fix.window_radius, _rgba(color, 0.9), 2.0))
+
+        velocity = self._marker(
+            header, "velocity", Marker.ARROW, Vector3(x=2.0 * mpp, y=5.0 * mpp, z=5.0 * mpp), _rgba(color)
+        )
+        if abs(fix.vx) + abs(fix.vy) > 1.0:
+            velocity.points = [
+                self._point(fix.x, fix.y, out),
+                self._point(fix.x + 0.25 * fix.vx, fix.y + 0.25 * fix.vy, out),
+            ]
+        else:
+            velocity.action = Marker.DELETE
+        markers.append(velocity)
+
+        flow_marker = self._marker(header, "flow", Marker.LINE_LIST, Vector3(x=1.0 * mpp), _rgba((255, 60, 200), 0.9))
+        if out.flow is not None:
+            field = out.flow.flow
+            grid = out.flow_grid
+            xs, ys = grid_centers(field.shape[:2], grid)
+            step = max(1, self.flow_spacing_px // grid)
+            for row in range(step // 2, field.shape[0], step):
+                for col in range(step // 2, field.shape[1], step):
+                    u, v = (float(c) for c in field[row, col])
+                    if u * u + v * v < 0.25:
+                        continue
+                    x0, y0 = float(xs[col]), float(ys[row])
+                    x1, y1 = x0 + 3 * u, y0 + 3 * v
+                    # Shaft plus a two-stroke head, all as line segments in one marker.
+                    angle = math.atan2(y1 - y0, x1 - x0)
+                    head = 0.3 * math.hypot(x1 - x0, y1 - y0)
+                    flow_marker.points += [self._point(x0, y0, out), self._point(x1, y1, out)]
+                    for side in (-0.5, 0.5):
+                        flow_marker.points += [
+                            self._point(x1, y1, out),
+                            self._point(x1 - head * math.cos(angle + side), y1 - head * math.sin(angle + side), out),
+                        ]
+        if not flow_marker.points:
+            flow_marker.action = Marker.DELETE
+        markers.append(flow_marker)
+
+        if self.show_patches:
+            patches = self._marker(header, "patches", Marker.LINE_LIST, Vector3(x=0.8 * mpp), _rgba((255, 255, 255)))
+            for (cx, cy), size, level in zip(fovea.centers, fovea.sizes, fovea.levels, strict=True):
+                half = 0.5 * float(size)
+                corners = [
+                    self._point(cx - half, cy - half, out),
+                    self._point(cx + half, cy - half, out),
+                    self._point(cx + half, cy + half, out),
+                    self._point(cx - half, cy + half, out),
+                ]
+                level_rgba = _rgba(level_color(float(level)), 0.8)
+                for i in range(4):
+                    patches.points += [corners[i], corners[(i + 1) % 4]]
+                    patches.colors += [level_rgba, level_rgba]
+            markers.append(patches)
+
+        label = self._marker(header, "label", Marker.TEXT_VIEW_FACING, Vector3(z=14.0 * mpp), _rgba((255, 255, 255)))
+        label.pose = Pose(position=self._point(fix.x, fix.y - fix.window_radius - 12.0, out), orientation=_IDENTITY)
+        label.text = f"{fix.source.name.lower()} {fix.confidence:.2f}"
+        markers.append(label)
+        return MarkerArray(markers=markers)

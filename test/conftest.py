@@ -1,0 +1,38 @@
+"""Shared pytest fixtures: the developer data folder and GPU detection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path of ../shared/data beside the checkout; skips the test when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"developer data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def _cuda_available() -> tuple[bool, str]:
+    try:
+        import torch
+    except ImportError as exc:
+        return False, f"torch not importable: {exc}"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    return True, torch.cuda.get_device_name(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    ok, reason = _cuda_available()
+    if ok:
+        return
+    skip_gpu = pytest.mark.skip(reason=f"gpu test: {reason}")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
