@@ -10,7 +10,7 @@ DEMO_SECONDS ?= 20
 PYTEST_ARGS ?=
 
 # Loopback-only DDS for everything started from here (tests pick their own domain ids).
-export ROS_LOCALHOST_ONLY := 1
+# The venv runs Jazzy, where ROS_LOCALHOST_ONLY is deprecated in favour of this.
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export AMENT_PREFIX_PATH := $(abspath $(VENV))
 

@@ -75,6 +75,18 @@ def _cmd_demo(args) -> int:
     return 0 if frames["processed"] > 0 else 1
 
 
+def _cmd_params(args) -> int:
+    from fovea_vla.nodes.catalog import NODE_PARAMS, default_parameter_file
+    from fovea_vla.nodes.params import format_table, format_yaml
+
+    if args.format == "yaml":
+        print(format_yaml(args.node, NODE_PARAMS[args.node]) if args.node else default_parameter_file(), end="")
+    else:
+        selected = [args.node] if args.node else list(NODE_PARAMS)
+        print("\n\n".join(f"### {name}\n\n{format_table(NODE_PARAMS[name])}" for name in selected))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fovea-vla", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     launch.add_argument("arguments", nargs="*", metavar="NAME:=VALUE")
     launch.set_defaults(func=_cmd_launch)
+
+    params = sub.add_parser("params", help="print every node parameter as a YAML file or markdown tables")
+    params.add_argument("--format", choices=("yaml", "markdown"), default="markdown")
+    params.add_argument("--node", choices=("fovea_node", "camera_replay"), default=None)
+    params.set_defaults(func=_cmd_params)
 
     demo = sub.add_parser("demo", help="run the graph on the synthetic scene and record video + summary")
     demo.add_argument("--duration", type=float, default=20.0, help="recording time [s]")

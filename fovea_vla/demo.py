@@ -34,8 +34,8 @@ DROP_EXPLANATIONS = {
 
 def _ros_environment(domain_id: int | None) -> dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("ROS_LOCALHOST_ONLY", "1")
-    env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    if "ROS_LOCALHOST_ONLY" not in env:
+        env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     if domain_id is not None:
         env["ROS_DOMAIN_ID"] = str(domain_id)
     elif "ROS_DOMAIN_ID" not in env:
@@ -156,7 +156,7 @@ def run_demo(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = _ros_environment(domain_id)
-    os.environ.update({k: env[k] for k in ("ROS_DOMAIN_ID", "ROS_LOCALHOST_ONLY", "ROS_AUTOMATIC_DISCOVERY_RANGE")})
+    os.environ.update({k: v for k, v in env.items() if k.startswith("ROS_")})
     fps = 30.0
     graph = node_graph(config=config, use_replay=True, replay_source="synthetic")
     overrides = {

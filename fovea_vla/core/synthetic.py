@@ -171,10 +171,10 @@ class _Segment:
     start_index: int
     background: np.ndarray  # (H + 2*margin, W + 2*margin, 3) uint8 RGB
     margin: int
-    cam_amp: np.ndarray  # (2, 2): axis x component (pan, shake), px
+    cam_amp: np.ndarray  # (2, 2) px: rows x, y axis; columns pan, shake component
     cam_omega: np.ndarray  # (2, 2) rad/s
     cam_phase: np.ndarray  # (2, 2) rad
-    obj_sizes: np.ndarray  # (N, 2) float32 w, h px
+    obj_sizes: np.ndarray  # (N, 2) w, h px
     obj_center: np.ndarray  # (N, 2) Lissajous centre px
     obj_amp: np.ndarray  # (N, 2) px
     obj_omega: np.ndarray  # (N, 2) rad/s
@@ -197,7 +197,7 @@ class SyntheticScene:
     Not thread safe (it caches segment textures); give each thread its own scene.
 
     Args:
-        cfg: scene parameters.
+        cfg: scene parameters (defaults when None).
     """
 
     def __init__(self, cfg: SyntheticSceneConfig | None = None):

@@ -90,6 +90,12 @@ PARAMS: tuple[ParamSpec, ...] = (
         choices=("auto", "gl", "cupy", "torch"),
     ),
     ParamSpec("texture.device", "auto", "Torch device of the sampled patches: auto, cpu or cuda[:N]."),
+    ParamSpec(
+        "texture.cpu_threads",
+        1,
+        "Torch threads when the texture runs on the CPU (1 avoids oversubscribing shared cores); 0 = torch default.",
+        range=(0, 1024),
+    ),
     ParamSpec("foveation.num_tokens", 273, "Foveated patches per frame (token budget).", range=(1, 16384)),
     ParamSpec("foveation.patch_size", 16, "Samples per patch side.", range=(2, 64)),
     ParamSpec(
@@ -175,7 +181,11 @@ def pipeline_config(values: dict) -> PipelineConfig:
                 scale=values["flow.scale"],
             ),
             flow_enabled=values["flow.enabled"],
-            texture=TextureConfig(backend=values["texture.backend"], device=values["texture.device"]),
+            texture=TextureConfig(
+                backend=values["texture.backend"],
+                device=values["texture.device"],
+                cpu_threads=values["texture.cpu_threads"],
+            ),
             foveation=FoveationConfig(
                 num_tokens=values["foveation.num_tokens"],
                 patch_size=values["foveation.patch_size"],

@@ -134,3 +134,36 @@ def values_from_files(specs: Sequence[ParamSpec], paths: Sequence, node_name: st
                     else:
                         values[full] = value
     return values
+
+
+def _yaml_scalar(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
+
+
+def format_yaml(node_name: str, specs: Sequence[ParamSpec], width: int = 100) -> str:
+    """A commented ROS parameter file section with every parameter at its default."""
+    import textwrap
+
+    lines = [f"/**/{node_name}:", "  ros__parameters:"]
+    groups: dict[str, list[tuple[str, ParamSpec]]] = {}
+    for spec in specs:
+        group, _, leaf = spec.name.rpartition(".")
+        groups.setdefault(group, []).append((leaf, spec))
+    for group, members in groups.items():
+        indent = "    "
+        if group:
+            lines.append(f"    {group}:")
+            indent = "      "
+        for leaf, spec in members:
+            text = spec.description.replace("`", "")
+            if spec.choices:
+                text += f" One of: {', '.join(spec.choices)}."
+            if spec.range is not None:
+                text += f" Range [{spec.range[0]}, {spec.range[1]}]."
+            lines += [f"{indent}# {line}" for line in textwrap.wrap(text, width - len(indent) - 2)]
+            lines.append(f"{indent}{leaf}: {_yaml_scalar(spec.default)}")
+    return "\n".join(lines)

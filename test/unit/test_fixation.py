@@ -55,7 +55,7 @@ def test_saccade_to_motion_outside_the_fovea_after_idle_time():
     times = []
     for i in range(30):
         state = ctrl.update(blob_flow(target, (1.5, 0.0)), GRID, i / FPS)
-        target = target + (1.5, 0.0)
+        target = target + np.array([1.5, 0.0])
         if state.source == FixationSource.SACCADE:
             times.append(i / FPS)
             break

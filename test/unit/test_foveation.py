@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -35,8 +36,9 @@ def test_patch_size_follows_magnification():
     layout = foveated_layout(FoveationConfig(), 1920, 1080, (960.0, 540.0))
     expected = np.maximum(layout.patch_size, (layout.eccentricity + layout.e0) / layout.m0)
     np.testing.assert_allclose(layout.sizes, expected, rtol=1e-5)
-    np.testing.assert_allclose(1.0 / layout.sizes[layout.sizes > 16], layout.magnification(
-        layout.eccentricity[layout.sizes > 16]), rtol=1e-5)
+    np.testing.assert_allclose(
+        1.0 / layout.sizes[layout.sizes > 16], layout.magnification(layout.eccentricity[layout.sizes > 16]), rtol=1e-5
+    )
 
 
 def test_density_falls_with_eccentricity_as_m_squared():
@@ -48,7 +50,7 @@ def test_density_falls_with_eccentricity_as_m_squared():
     inside = edges < 900.0  # bands that lie wholly in the image
     edges = edges[inside][::3]
     densities = []
-    for inner, outer in zip(edges[1:-1], edges[2:], strict=True):
+    for inner, outer in itertools.pairwise(edges[1:]):
         count = ((layout.eccentricity >= inner) & (layout.eccentricity < outer)).sum()
         e = np.linspace(inner, outer, 400)
         integrand = 2 * np.pi * e * layout.magnification(e) ** 2
@@ -56,7 +58,7 @@ def test_density_falls_with_eccentricity_as_m_squared():
         assert count == pytest.approx(predicted, rel=0.15), (inner, outer, count, predicted)
         densities.append(count / (np.pi * (outer**2 - inner**2)))
     assert len(densities) >= 3
-    assert all(a > b for a, b in zip(densities, densities[1:], strict=False))
+    assert all(a > b for a, b in itertools.pairwise(densities))
 
 
 def test_levels_grow_with_eccentricity():
@@ -105,8 +107,12 @@ def test_e0_in_degrees_uses_focal_length():
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"num_tokens": 0}, "num_tokens"), ({"patch_size": 1}, "patch_size"), ({"e0_fraction": 0.0}, "e0_fraction"),
-     ({"e0_deg": 95.0}, "e0_deg")],
+    [
+        ({"num_tokens": 0}, "num_tokens"),
+        ({"patch_size": 1}, "patch_size"),
+        ({"e0_fraction": 0.0}, "e0_fraction"),
+        ({"e0_deg": 95.0}, "e0_deg"),
+    ],
 )
 def test_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"foveation\.{field}="):

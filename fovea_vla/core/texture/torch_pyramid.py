@@ -29,8 +29,11 @@ class TorchPyramid:
     def __init__(self, cfg: TextureConfig | None = None):
         import torch
 
+        cfg = cfg or TextureConfig()
         self._torch = torch
-        self.device = (cfg or TextureConfig()).resolved_device()
+        self.device = cfg.resolved_device()
+        if self.device == "cpu" and cfg.cpu_threads:
+            torch.set_num_threads(cfg.cpu_threads)
         self.levels: list = []
         self.width = 0
         self.height = 0

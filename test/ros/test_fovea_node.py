@@ -1,0 +1,264 @@
+"""fovea_node and camera_replay over real DDS, started as separate processes by the dev launcher."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from geometry_msgs.msg import PointStamped
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from std_msgs.msg import Header
+from visualization_msgs.msg import Marker, MarkerArray
+
+from fovea_vla.bringup import node_graph
+from fovea_vla.core.frames import rgb_to_compressed
+from fovea_vla.core.synthetic import SyntheticScene, SyntheticSceneConfig
+from fovea_vla.launcher import GraphProcesses, command_for
+from fovea_vla.nodes import qos
+from fovea_vla.nodes.messages import image_msg, ns_to_stamp, stamp_to_ns
+from fovea_vla_msgs.msg import Fixation, PipelineStats
+from fovea_vla_msgs.srv import SetFixation
+
+STARTUP_S = 60.0  # node start includes importing torch and OpenCV; discovery can take seconds
+FRAME_ID = "test_camera_optical_frame"
+TEST_NODE_PARAMS = {
+    # Reliable, deep input queue: these tests count every frame they send.
+    "sensor_qos.reliability": "reliable",
+    "sensor_qos.depth": 20,
+    "max_frame_age_ms": 3000.0,
+}
+
+
+class Outputs:
+    """Everything one fovea_node instance publishes, by topic."""
+
+    def __init__(self, probe, namespace: str):
+        self.fixations: list[Fixation] = []
+        self.stats: list[PipelineStats] = []
+        self.markers: list[MarkerArray] = []
+        node = probe.node
+        node.create_subscription(Fixation, f"/{namespace}/fixation", self.fixations.append, qos.outputs(100))
+        node.create_subscription(PipelineStats, f"/{namespace}/stats", self.stats.append, qos.outputs(100))
+        node.create_subscription(MarkerArray, f"/{namespace}/markers", self.markers.append, qos.outputs(100))
+
+    def stats_for(self, stamp_ns: int) -> PipelineStats | None:
+        return next((s for s in self.stats if stamp_to_ns(s.header.stamp) == stamp_ns), None)
+
+    def fixation_for(self, stamp_ns: int) -> Fixation | None:
+        return next((f for f in self.fixations if stamp_to_ns(f.header.stamp) == stamp_ns), None)
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return SyntheticScene(SyntheticSceneConfig(width=320, height=240, seed=3))
+
+
+@pytest.fixture(scope="module")
+def raw_node(ros_probe, tmp_path_factory):
+    """fovea_node on raw images in namespace /raw, with its probe-side publishers and outputs."""
+    graph = node_graph(config="cpu.yaml", use_replay=False)
+    processes = GraphProcesses(
+        graph, namespace="raw", parameters={"fovea_node": TEST_NODE_PARAMS}, log_dir=tmp_path_factory.mktemp("raw")
+    ).start()
+    outputs = Outputs(ros_probe, "raw")
+    publisher = ros_probe.node.create_publisher(Image, "/raw/image", qos.sensor("reliable", 20))
+    ros_probe.wait_for(lambda: publisher.get_subscription_count() > 0, STARTUP_S, "fovea_node on /raw/image", processes)
+    yield processes, publisher, outputs
+    codes = processes.stop()
+    assert codes == {"fovea_node": 0}, f"fovea_node did not exit cleanly: {codes} (log in {processes.log_dir})"
+
+
+@pytest.fixture(scope="module")
+def jpeg_node(ros_probe, tmp_path_factory):
+    graph = node_graph(config="cpu.yaml", use_replay=False)
+    params = {**TEST_NODE_PARAMS, "image_transport": "compressed"}
+    processes = GraphProcesses(
+        graph, namespace="jpeg", parameters={"fovea_node": params}, log_dir=tmp_path_factory.mktemp("jpeg")
+    ).start()
+    outputs = Outputs(ros_probe, "jpeg")
+    publisher = ros_probe.node.create_publisher(CompressedImage, "/jpeg/image/compressed", qos.sensor("reliable", 20))
+    ros_probe.wait_for(lambda: publisher.get_subscription_count() > 0, STARTUP_S, "fovea_node on /jpeg", processes)
+    yield processes, publisher, outputs
+    assert processes.stop() == {"fovea_node": 0}
+
+
+def header(probe, age_s: float = 0.0) -> Header:
+    now = probe.node.get_clock().now().nanoseconds - int(age_s * 1e9)
+    return Header(stamp=ns_to_stamp(now), frame_id=FRAME_ID)
+
+
+def send_and_wait(probe, publisher, outputs, msg, what: str, processes) -> PipelineStats:
+    """Publish one frame and wait for the stats stamped with it."""
+    stamp = stamp_to_ns(msg.header.stamp)
+    publisher.publish(msg)
+    probe.wait_for(lambda: outputs.stats_for(stamp) is not None, 20.0, what, processes)
+    return outputs.stats_for(stamp)
+
+
+def drops(stats: PipelineStats) -> dict[str, int]:
+    return {d.reason: int(d.count) for d in stats.drops}
+
+
+def test_frames_in_fixation_markers_stats_out_with_capture_stamps(ros_probe, raw_node, scene):
+    processes, publisher, outputs = raw_node
+    sent = []
+    for index in range(8):
+        rgb, _ = scene.render(index)
+        msg = image_msg(rgb, header(ros_probe), "bgr8" if index % 2 else "rgb8")
+        sent.append(stamp_to_ns(msg.header.stamp))
+        send_and_wait(ros_probe, publisher, outputs, msg, f"stats for frame {index}", processes)
+    ros_probe.wait_for(lambda: len(outputs.markers) >= 8, 10.0, "markers", processes)
+
+    fixation_stamps = [stamp_to_ns(f.header.stamp) for f in outputs.fixations]
+    assert set(sent) <= set(fixation_stamps)
+    for fixation in outputs.fixations:
+        assert fixation.header.frame_id == FRAME_ID
+        assert 0 <= fixation.x <= 319 and 0 <= fixation.y <= 239
+        assert fixation.image_width == 320 and fixation.image_height == 240
+    for stats in outputs.stats:
+        assert stamp_to_ns(stats.header.stamp) in sent
+        assert stats.num_tokens == 273
+        assert {"flow", "pyramid", "sampling", "total"} <= {s.stage for s in stats.stages}
+        assert {b.stage: b.backend for b in stats.backends} == {"flow": "dis", "texture": "torch"}
+    assert outputs.stats[-1].frames_processed >= 8
+
+    # Markers: cleared once first, then stable namespaces and ids on every frame, all stamped.
+    assert outputs.markers[0].markers[0].action == Marker.DELETEALL
+    keys = [{(m.ns, m.id) for m in array.markers} for array in outputs.markers[1:]]
+    assert all(k == keys[0] for k in keys)
+    assert {"fixation", "fovea", "patches", "flow"} <= {ns for ns, _ in keys[0]}
+    for array in outputs.markers[1:]:
+        for marker in array.markers:
+            assert marker.header.frame_id == FRAME_ID
+            assert stamp_to_ns(marker.header.stamp) in sent
+    patches = next(m for m in outputs.markers[-1].markers if m.ns == "patches")
+    assert len(patches.points) == 273 * 8  # four edges, two points each, per patch
+
+
+def test_stale_frames_are_dropped_and_counted(ros_probe, raw_node, scene):
+    processes, publisher, outputs = raw_node
+    rgb, _ = scene.render(20)
+    before = drops(outputs.stats[-1]).get("stale", 0) if outputs.stats else 0
+    stale_stamps = []
+    for _ in range(3):
+        msg = image_msg(rgb, header(ros_probe, age_s=10.0))
+        stale_stamps.append(stamp_to_ns(msg.header.stamp))
+        publisher.publish(msg)
+    stats = send_and_wait(ros_probe, publisher, outputs, image_msg(rgb, header(ros_probe)), "fresh frame", processes)
+    assert drops(stats).get("stale", 0) - before == 3
+    assert not any(outputs.fixation_for(s) for s in stale_stamps)
+
+
+@pytest.mark.parametrize(
+    ("reason", "mutate"),
+    [
+        ("bad_encoding", lambda m: setattr(m, "encoding", "rgb9")),
+        ("zero_size", lambda m: (setattr(m, "width", 0), setattr(m, "step", 0))),
+        ("truncated", lambda m: setattr(m, "data", bytes(m.data[: m.step * m.height // 2]))),
+        ("truncated", lambda m: setattr(m, "step", m.width)),
+    ],
+)
+def test_bad_raw_frames_are_counted_and_the_node_keeps_running(ros_probe, raw_node, scene, reason, mutate):
+    processes, publisher, outputs = raw_node
+    rgb, _ = scene.render(30)
+    before = drops(outputs.stats[-1]).get(reason, 0) if outputs.stats else 0
+    bad = image_msg(rgb, header(ros_probe))
+    mutate(bad)
+    publisher.publish(bad)
+    stats = send_and_wait(
+        ros_probe, publisher, outputs, image_msg(rgb, header(ros_probe)), "frame after bad", processes
+    )
+    assert drops(stats).get(reason, 0) == before + 1
+    assert outputs.fixation_for(stamp_to_ns(bad.header.stamp)) is None
+
+
+def test_corrupt_jpeg_is_counted_and_good_jpeg_processed(ros_probe, jpeg_node, scene):
+    processes, publisher, outputs = jpeg_node
+    rgb, _ = scene.render(5)
+    good = rgb_to_compressed(rgb, "jpeg", quality=90)
+    corrupt = CompressedImage(header=header(ros_probe), format="jpeg", data=good[: len(good) // 3] + b"\x00" * 64)
+    publisher.publish(corrupt)
+    publisher.publish(CompressedImage(header=header(ros_probe), format="jpeg", data=b""))
+    msg = CompressedImage(header=header(ros_probe), format="rgb8; jpeg compressed bgr8", data=good)
+    stats = send_and_wait(ros_probe, publisher, outputs, msg, "good jpeg after corrupt ones", processes)
+    counted = drops(stats)
+    assert counted.get("corrupt_compressed", 0) + counted.get("zero_size", 0) == 2, counted
+    assert outputs.fixation_for(stamp_to_ns(msg.header.stamp)).header.frame_id == FRAME_ID
+
+
+def test_set_fixation_service_and_clicked_point_move_the_fixation(ros_probe, raw_node, scene):
+    processes, publisher, outputs = raw_node
+    client = ros_probe.node.create_client(SetFixation, "/raw/set_fixation")
+    assert client.wait_for_service(timeout_sec=STARTUP_S)
+    future = client.call_async(SetFixation.Request(x=40.0, y=200.0, hold_s=30.0))
+    ros_probe.wait_for(future.done, 10.0, "set_fixation response", processes)
+    assert future.result().success, future.result().message
+    rgb, _ = scene.render(40)
+    msg = image_msg(rgb, header(ros_probe))
+    send_and_wait(ros_probe, publisher, outputs, msg, "frame after set_fixation", processes)
+    fixation = outputs.fixation_for(stamp_to_ns(msg.header.stamp))
+    assert fixation.source == Fixation.SOURCE_EXTERNAL and (fixation.x, fixation.y) == (40.0, 200.0)
+
+    # RViz Publish Point: a 3D point in the optical frame, projected with the camera intrinsics.
+    info_pub = ros_probe.node.create_publisher(CameraInfo, "/raw/camera_info", qos.sensor("reliable", 5))
+    clicked = ros_probe.node.create_publisher(PointStamped, "/raw/clicked_point", qos.outputs())
+    ros_probe.wait_for(lambda: clicked.get_subscription_count() > 0, STARTUP_S, "clicked_point subscriber", processes)
+    ros_probe.wait_for(lambda: info_pub.get_subscription_count() > 0, STARTUP_S, "camera_info subscriber", processes)
+    fx, cx, cy = 200.0, 159.5, 119.5
+    info_pub.publish(CameraInfo(header=header(ros_probe), width=320, height=240, k=[fx, 0.0, cx, 0.0, fx, cy, 0, 0, 1]))
+    point = PointStamped(header=header(ros_probe))
+    point.point.x, point.point.y, point.point.z = 0.25, -0.1, 1.0  # -> pixel (209.5, 99.5)
+    clicked.publish(point)
+    expected = (cx + fx * 0.25, cy - fx * 0.1)
+    for _ in range(20):
+        msg = image_msg(rgb, header(ros_probe))
+        send_and_wait(ros_probe, publisher, outputs, msg, "frame after clicked_point", processes)
+        fixation = outputs.fixation_for(stamp_to_ns(msg.header.stamp))
+        if (fixation.x, fixation.y) == pytest.approx(expected, abs=1e-3):
+            break
+    assert fixation.source == Fixation.SOURCE_EXTERNAL
+    assert (fixation.x, fixation.y) == pytest.approx(expected, abs=1e-3)
+    future = client.call_async(SetFixation.Request(clear=True))
+    ros_probe.wait_for(future.done, 10.0, "clear response", processes)
+    assert future.result().success
+
+
+def test_full_graph_with_camera_replay_preserves_capture_stamps(ros_probe, tmp_path):
+    graph = node_graph(config="cpu.yaml", use_replay=True, replay_source="synthetic")
+    params = {"camera_replay": {"rate_hz": 10.0, "synthetic.width": 320, "synthetic.height": 240}}
+    infos: list[CameraInfo] = []
+    ros_probe.node.create_subscription(CameraInfo, "/full/camera_info", infos.append, qos.sensor("reliable", 50))
+    outputs = Outputs(ros_probe, "full")
+    with GraphProcesses(graph, namespace="full", parameters=params, log_dir=tmp_path) as processes:
+        ros_probe.wait_for(lambda: len(outputs.fixations) >= 10, STARTUP_S, "10 fixations from replay", processes)
+        codes = processes.stop()
+    assert codes == {"camera_replay": 0, "fovea_node": 0}
+    info_stamps = {stamp_to_ns(i.header.stamp) for i in infos}
+    matched = [f for f in outputs.fixations if stamp_to_ns(f.header.stamp) in info_stamps]
+    assert len(matched) >= 0.8 * len(outputs.fixations)
+    assert all(f.header.frame_id == "camera_optical_frame" for f in outputs.fixations)
+    sources = {f.source for f in outputs.fixations}
+    assert sources & {Fixation.SOURCE_PURSUIT, Fixation.SOURCE_SACCADE}, sources
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("flow.grid:=3", "flow.grid"),
+        ("foveation.num_tokens:=0", "foveation.num_tokens"),
+        ("flow.backend:='tourch'", "flow.backend"),
+    ],
+)
+def test_invalid_parameters_are_refused_at_startup_naming_the_parameter(override, needle):
+    spec = node_graph(use_replay=False)[0]
+    argv = [*command_for(spec, namespace="bad"), "-p", override]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert needle in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+def test_launcher_module_is_runnable_without_ros_launch():
+    """`fovea-vla launch --help` works where launch_ros is absent (PyPI installs)."""
+    result = subprocess.run([sys.executable, "-m", "fovea_vla.cli", "launch", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "config:=" in result.stdout
