@@ -87,6 +87,19 @@ def _cmd_params(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from fovea_vla.bench import common, pipeline_node
+
+    results = pipeline_node.run(frames=args.frames, resolutions=args.resolutions, device=args.device)
+    table = pipeline_node.format_table(results)
+    print(table)
+    if not args.no_append:
+        command = "fovea-vla bench pipeline " + " ".join(sys.argv[3:])
+        path = common.append_results("Pipeline stages in process", command.strip(), table, results)
+        print(f"[bench] appended to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fovea-vla", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--format", choices=("yaml", "markdown"), default="markdown")
     params.add_argument("--node", choices=("fovea_node", "camera_replay"), default=None)
     params.set_defaults(func=_cmd_params)
+
+    bench = sub.add_parser("bench", help="benchmarks; print a table and append it to docs/BENCHMARKS.md")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    pipeline = bench_sub.add_parser("pipeline", help="per-stage time of the in-process pipeline")
+    pipeline.add_argument("--frames", type=int, default=100)
+    pipeline.add_argument(
+        "--resolutions", nargs="+", default=["640x480", "1280x720"], choices=["640x480", "1280x720", "1920x1080"]
+    )
+    pipeline.add_argument("--device", default="auto", help="texture device: auto, cpu, cuda")
+    pipeline.add_argument("--no-append", action="store_true", help="do not append to docs/BENCHMARKS.md")
+    pipeline.set_defaults(func=_cmd_bench)
 
     demo = sub.add_parser("demo", help="run the graph on the synthetic scene and record video + summary")
     demo.add_argument("--duration", type=float, default=20.0, help="recording time [s]")

@@ -257,6 +257,7 @@ class FoveaNode(Node):
         self.create_service(SetFixation, "set_fixation", self._on_set_fixation)
         self.create_service(SetInstruction, "set_instruction", self._on_set_instruction)
         self._last_size: tuple[int, int] | None = None
+        self._last_frame_id = ""
         self.get_logger().info(
             f"listening on {self.resolve_topic_name('image' if p['image_transport'] == 'raw' else 'image/compressed')}"
         )
@@ -323,6 +324,13 @@ class FoveaNode(Node):
         if self._last_size is None:
             self.get_logger().warning("clicked_point before any frame: ignored")
             return
+        if msg.header.frame_id and msg.header.frame_id != self._last_frame_id:
+            # No TF lookup here: the point must already be in the camera's optical frame.
+            self.get_logger().warning(
+                f"clicked_point in frame {msg.header.frame_id!r}, expected the camera frame "
+                f"{self._last_frame_id!r} (set RViz's Fixed Frame to it): ignored"
+            )
+            return
         pixel = self.camera.project((msg.point.x, msg.point.y, msg.point.z), *self._last_size)
         if pixel is None:
             self.get_logger().warning("clicked_point is behind the camera (expects the camera optical frame)")
@@ -345,6 +353,7 @@ class FoveaNode(Node):
     def _publish(self, output: PipelineOutput, age_ms: float, focal_px: float | None) -> None:
         header = Header(stamp=ns_to_stamp(output.stamp_ns), frame_id=output.frame_id)
         self._last_size = (output.width, output.height)
+        self._last_frame_id = output.frame_id
         self.pub_fixation.publish(fixation_msg(output.fixation, output, header, focal_px))
         self.pub_fixations.publish(fixation_array_msg(output, header, focal_px))
         if not self._markers_cleared:
