@@ -65,7 +65,14 @@ def _selection(config: str) -> list[str]:
             lines.append(f"  {stage:<8} {field}={name!r} -> {choice.name} ({choice.reason})")
         except (ValueError, RuntimeError) as exc:
             lines.append(f"  {stage:<8} {field}={name!r} -> FAILS: {exc}")
-    lines.append(f"  {'device':<8} texture.device={cfg.texture.device!r} -> {cfg.texture.resolved_device()}")
+    device = cfg.texture.resolved_device()
+    verdict = device
+    if device.startswith("cuda"):
+        from fovea_vla.core.accel import cuda
+
+        ok, reason = cuda()
+        verdict = device if ok else f"{device}: FAILS at startup: {reason}"
+    lines.append(f"  {'device':<8} texture.device={cfg.texture.device!r} -> {verdict}")
     return lines
 
 

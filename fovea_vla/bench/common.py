@@ -68,7 +68,9 @@ def _git_sha() -> str:
 
 def append_results(title: str, command: str, table: str, results: dict, path: Path | None = None) -> Path:
     """Append a dated section (machine, command, table, JSON) to docs/BENCHMARKS.md."""
-    path = path or REPO / "docs" / "BENCHMARKS.md"
+    if path is None:
+        # From a source checkout, the project's record; from an installed copy, the working directory.
+        path = REPO / "docs" / "BENCHMARKS.md" if (REPO / ".git").exists() else Path.cwd() / "BENCHMARKS.md"
     info = machine()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = [

@@ -86,3 +86,23 @@ def test_unknown_texture_backend_lists_known():
 def test_device_validation_names_field():
     with pytest.raises(ValueError, match=r"texture\.device="):
         TextureConfig(device="tpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("height", "width"), [(480, 640), (1080, 1920), (101, 99)])
+def test_cuda_texture_matches_reference(height, width):
+    import torch
+
+    rng = np.random.default_rng(width)
+    rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    texture, _ = make_texture(TextureConfig(backend="torch", device="cuda"))
+    texture.upload(rgb)
+    layout = foveated_layout(FoveationConfig(), width, height, (0.4 * width, 0.7 * height))
+    sizes = layout.sizes * rng.uniform(0.6, 1.7, layout.sizes.shape)
+    got = texture.sample(layout.centers, sizes, 16)
+    assert got.device.type == "cuda"
+    got = got.cpu().numpy()
+    expected = reference_sample(reference_pyramid(rgb), layout.centers, sizes, 16)
+    # TF32 is off for these ops (no matmul), so fp32 accuracy applies.
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < RTOL
+    assert torch.cuda.is_available()

@@ -32,6 +32,9 @@ class TorchPyramid:
         cfg = cfg or TextureConfig()
         self._torch = torch
         self.device = cfg.resolved_device()
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            # Fail at startup, not on every frame.
+            raise RuntimeError(f"texture.device={cfg.device!r} but torch {torch.__version__} sees no CUDA device")
         if self.device == "cpu" and cfg.cpu_threads:
             torch.set_num_threads(cfg.cpu_threads)
         self.levels: list = []
