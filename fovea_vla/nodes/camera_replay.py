@@ -8,8 +8,6 @@ from __future__ import annotations
 import math
 import sys
 
-import rclpy
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header
@@ -20,6 +18,7 @@ from fovea_vla.core.synthetic import SyntheticSceneConfig
 from fovea_vla.nodes import qos
 from fovea_vla.nodes.messages import image_msg
 from fovea_vla.nodes.params import ParamSpec, declare_all
+from fovea_vla.nodes.runner import run_node
 
 PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec(
@@ -80,8 +79,10 @@ def camera_info(width: int, height: int, fov_deg: float, header: Header) -> Came
 class CameraReplay(Node):
     """Publishes a frame source at a fixed rate."""
 
+    NODE_NAME = "camera_replay"
+
     def __init__(self, **kwargs):
-        super().__init__("camera_replay", **kwargs)
+        super().__init__(self.NODE_NAME, **kwargs)
         p = self.params = declare_all(self, PARAMS)
         synthetic = SyntheticSceneConfig(
             width=p["synthetic.width"],
@@ -141,21 +142,7 @@ class CameraReplay(Node):
 
 
 def main(args=None) -> int:
-    rclpy.init(args=args)
-    try:
-        node = CameraReplay()
-    except (ValueError, OSError, RuntimeError) as exc:
-        rclpy.logging.get_logger("camera_replay").fatal(f"camera_replay: {exc}")
-        rclpy.try_shutdown()
-        return 2
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(CameraReplay, args)
 
 
 if __name__ == "__main__":

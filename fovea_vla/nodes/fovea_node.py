@@ -14,9 +14,7 @@ import time
 
 import cv2
 import numpy as np
-import rclpy
 from geometry_msgs.msg import PointStamped
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header, String
@@ -42,6 +40,7 @@ from fovea_vla.nodes.messages import (
     ns_to_stamp,
 )
 from fovea_vla.nodes.params import ParamSpec, declare_all
+from fovea_vla.nodes.runner import run_node
 from fovea_vla_msgs.msg import BackendChoice, DropCount, Fixation, FixationArray, PipelineStats, StageLatency
 from fovea_vla_msgs.srv import SetFixation, SetInstruction
 
@@ -210,8 +209,10 @@ def pipeline_config(values: dict) -> PipelineConfig:
 class FoveaNode(Node):
     """The per-frame pipeline as a ROS node."""
 
+    NODE_NAME = "fovea_node"
+
     def __init__(self, **kwargs):
-        super().__init__("fovea_node", **kwargs)
+        super().__init__(self.NODE_NAME, **kwargs)
         try:
             self.params = declare_all(self, PARAMS)
             cfg = pipeline_config(self.params)
@@ -417,21 +418,7 @@ class FoveaNode(Node):
 
 
 def main(args=None) -> int:
-    rclpy.init(args=args)
-    try:
-        node = FoveaNode()
-    except ConfigError as exc:
-        rclpy.logging.get_logger("fovea_node").fatal(str(exc))
-        rclpy.try_shutdown()
-        return 2
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(FoveaNode, args)
 
 
 if __name__ == "__main__":

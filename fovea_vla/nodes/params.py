@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
+from rclpy.exceptions import ParameterException
 
 __all__ = ["ParamSpec", "declare_all", "format_table"]
 
@@ -55,6 +56,8 @@ class ParamSpec:
             type=_TYPES[type(self.default)],
             description=text,
             read_only=self.read_only,
+            # Doubles accept integers written in YAML (`scale: 1`); declare_all converts them.
+            dynamic_typing=isinstance(self.default, float),
         )
         if self.range is not None and isinstance(self.default, float):
             descriptor.floating_point_range = [
@@ -81,13 +84,20 @@ def declare_all(node, specs: Sequence[ParamSpec]) -> dict[str, object]:
     """Declare every parameter on ``node`` and return ``{name: value}``.
 
     Raises:
-        ValueError: a value is out of its range or choices, naming the parameter.
+        ValueError: a value of the wrong type, or out of its range or choices, naming the parameter.
     """
     values = {}
     for spec in specs:
-        value = node.declare_parameter(spec.name, spec.default, spec.descriptor()).value
-        if isinstance(spec.default, float) and isinstance(value, int):
+        try:
+            value = node.declare_parameter(spec.name, spec.default, spec.descriptor()).value
+        except ParameterException as exc:
+            raise ValueError(f"parameter {spec.name}: {exc}") from exc
+        if isinstance(spec.default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if type(value) is not type(spec.default):
+            raise ValueError(
+                f"{spec.name}={value!r}: expected {type(spec.default).__name__}, got {type(value).__name__}"
+            )
         problem = spec.check(value)
         if problem:
             raise ValueError(problem)

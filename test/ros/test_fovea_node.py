@@ -54,33 +54,32 @@ def scene():
     return SyntheticScene(SyntheticSceneConfig(width=320, height=240, seed=3))
 
 
+def start_fovea_node(probe, namespace, params, message_type, topic, log_dir):
+    """fovea_node in its own process and namespace, with a probe-side publisher to its camera topic."""
+    graph = node_graph(config="cpu.yaml", use_replay=False)
+    processes = GraphProcesses(graph, namespace=namespace, parameters={"fovea_node": params}, log_dir=log_dir).start()
+    outputs = Outputs(probe, namespace)
+    publisher = probe.node.create_publisher(message_type, f"/{namespace}/{topic}", qos.sensor("reliable", 20))
+    probe.wait_for(lambda: publisher.get_subscription_count() > 0, STARTUP_S, f"fovea_node on {topic}", processes)
+    return processes, publisher, outputs
+
+
 @pytest.fixture(scope="module")
 def raw_node(ros_probe, tmp_path_factory):
-    """fovea_node on raw images in namespace /raw, with its probe-side publishers and outputs."""
-    graph = node_graph(config="cpu.yaml", use_replay=False)
-    processes = GraphProcesses(
-        graph, namespace="raw", parameters={"fovea_node": TEST_NODE_PARAMS}, log_dir=tmp_path_factory.mktemp("raw")
-    ).start()
-    outputs = Outputs(ros_probe, "raw")
-    publisher = ros_probe.node.create_publisher(Image, "/raw/image", qos.sensor("reliable", 20))
-    ros_probe.wait_for(lambda: publisher.get_subscription_count() > 0, STARTUP_S, "fovea_node on /raw/image", processes)
-    yield processes, publisher, outputs
-    codes = processes.stop()
-    assert codes == {"fovea_node": 0}, f"fovea_node did not exit cleanly: {codes} (log in {processes.log_dir})"
+    node = start_fovea_node(ros_probe, "raw", TEST_NODE_PARAMS, Image, "image", tmp_path_factory.mktemp("raw"))
+    yield node
+    codes = node[0].stop()
+    assert codes == {"fovea_node": 0}, f"fovea_node did not exit cleanly: {codes} (log in {node[0].log_dir})"
 
 
 @pytest.fixture(scope="module")
 def jpeg_node(ros_probe, tmp_path_factory):
-    graph = node_graph(config="cpu.yaml", use_replay=False)
     params = {**TEST_NODE_PARAMS, "image_transport": "compressed"}
-    processes = GraphProcesses(
-        graph, namespace="jpeg", parameters={"fovea_node": params}, log_dir=tmp_path_factory.mktemp("jpeg")
-    ).start()
-    outputs = Outputs(ros_probe, "jpeg")
-    publisher = ros_probe.node.create_publisher(CompressedImage, "/jpeg/image/compressed", qos.sensor("reliable", 20))
-    ros_probe.wait_for(lambda: publisher.get_subscription_count() > 0, STARTUP_S, "fovea_node on /jpeg", processes)
-    yield processes, publisher, outputs
-    assert processes.stop() == {"fovea_node": 0}
+    node = start_fovea_node(
+        ros_probe, "jpeg", params, CompressedImage, "image/compressed", tmp_path_factory.mktemp("jpeg")
+    )
+    yield node
+    assert node[0].stop() == {"fovea_node": 0}
 
 
 def header(probe, age_s: float = 0.0) -> Header:
@@ -246,6 +245,7 @@ def test_full_graph_with_camera_replay_preserves_capture_stamps(ros_probe, tmp_p
     ("override", "needle"),
     [
         ("flow.grid:=3", "flow.grid"),
+        ("flow.scale:='fast'", "flow.scale"),
         ("foveation.num_tokens:=0", "foveation.num_tokens"),
         ("flow.backend:='tourch'", "flow.backend"),
     ],
@@ -254,8 +254,15 @@ def test_invalid_parameters_are_refused_at_startup_naming_the_parameter(override
     spec = node_graph(use_replay=False)[0]
     argv = [*command_for(spec, namespace="bad"), "-p", override]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert needle in result.stdout + result.stderr, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "FATAL" in output and needle in output and "Traceback" not in output, output
+
+
+def test_integer_for_a_double_parameter_is_accepted(ros_probe, tmp_path):
+    """YAML files often say `scale: 1`; a double parameter takes it as 1.0."""
+    node = start_fovea_node(ros_probe, "intscale", {"flow.scale": 1}, Image, "image", tmp_path)
+    assert node[0].stop() == {"fovea_node": 0}
 
 
 def test_launcher_module_is_runnable_without_ros_launch():
