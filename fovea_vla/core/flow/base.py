@@ -44,7 +44,12 @@ FLOW_UNKNOWN_THRESHOLD = 1e9
 FLOW_BACKENDS = BackendRegistry(
     "flow",
     auto_order=("vpi", "nvof", "torch", "dis"),
-    modules=("fovea_vla.core.flow.dis",),
+    modules=(
+        "fovea_vla.core.flow.vpi",
+        "fovea_vla.core.flow.nvof",
+        "fovea_vla.core.flow.torch_cuda",
+        "fovea_vla.core.flow.dis",
+    ),
 )
 
 
@@ -93,13 +98,20 @@ class FlowResult:
             ``Hg = ceil(H / grid)``, ``Wg = ceil(W / grid)`` for (H, W) input frames.
         confidence: (Hg, Wg) float32 in [0, 1] (1 = trusted), or None when the backend has none.
         backend: name of the backend that produced it.
-        timing_ms: wall time of ``compute`` in milliseconds, input conversion included.
+        timing_ms: wall time of ``compute`` in milliseconds, input conversion and the copy of
+            ``flow`` to host memory included.
+        device_flow: GPU backends: the same field as a torch.Tensor (Hg, Wg, 2) float32 on their
+            device, for consumers that stay on the GPU; None for CPU backends.
+        device_ms: GPU backends: time of the flow kernels alone [ms], measured with CUDA events;
+            None for CPU backends.
     """
 
     flow: np.ndarray
     confidence: np.ndarray | None
     backend: str
     timing_ms: float
+    device_flow: object | None = None
+    device_ms: float | None = None
 
 
 @runtime_checkable
