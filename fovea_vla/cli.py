@@ -100,6 +100,107 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_flow(args) -> int:
+    from fovea_vla.flow_cli import cmd_flow
+
+    return cmd_flow(args)
+
+
+def _cmd_flow_eval(args) -> int:
+    from fovea_vla.flow_cli import cmd_flow_eval
+
+    return cmd_flow_eval(args)
+
+
+def _cmd_bench_flow(args) -> int:
+    from fovea_vla.bench import common, flow_node
+
+    try:
+        results = flow_node.run(
+            backends=args.backends,
+            presets=args.presets,
+            resolutions=args.resolutions,
+            runs=args.runs,
+            warmup=args.warmup,
+            scale=args.scale,
+            grid=args.grid,
+            data=args.data or flow_node.DEFAULT_DATA,
+        )
+    except (ValueError, RuntimeError) as exc:
+        print(f"[bench flow] error: {exc}", file=sys.stderr)
+        return 2
+    table = flow_node.format_table(results)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": common.machine(), **results}, indent=1))
+        print(f"[bench] wrote {args.json}")
+    if not args.no_append:
+        command = "fovea-vla bench flow " + " ".join(sys.argv[3:])
+        path = common.append_results("Optical flow backends", command.strip(), table, results)
+        print(f"[bench] appended to {path}")
+    return 0
+
+
+def _add_flow_parsers(sub) -> None:
+    """``flow`` and ``flow-eval``; backend and preset names are validated by FlowConfig."""
+    flow = sub.add_parser(
+        "flow",
+        help="optical flow of one image pair: backend, timing, magnitude, .flo and colour PNG",
+        description="Flow from PREV to CUR. --out stores the backend's output grid as is (grid 4: one "
+        "vector per 4x4 block, in full-resolution pixels).",
+    )
+    flow.add_argument("prev", help="first frame (time t)")
+    flow.add_argument("cur", help="second frame (time t+1)")
+    flow.add_argument("--backend", default="auto", help="auto, vpi, nvof, torch or dis")
+    flow.add_argument("--preset", default="fast", help="ultrafast, fast, medium or slow")
+    flow.add_argument("--scale", type=float, default=1.0, help="working scale, 0 < scale <= 1 (pipeline: 0.5)")
+    flow.add_argument("--grid", type=int, default=1, choices=(1, 4), help="output grid step in pixels")
+    flow.add_argument("--out", default=None, help="write the field to this .flo file")
+    flow.add_argument("--vis", default=None, help="write a Middlebury colour-coded PNG")
+    flow.set_defaults(func=_cmd_flow)
+
+    flow_eval = sub.add_parser(
+        "flow-eval",
+        help="EPE and 3-px outliers of flow backends on every ground-truth pair under a folder",
+        description="Finds Middlebury (flow10.flo), Sintel (frame_NNNN.flo) and KITTI (flow_occ/) "
+        "pairs recursively; unavailable backends are skipped with their reason.",
+    )
+    flow_eval.add_argument("dir", help="folder searched recursively, e.g. ../shared/data")
+    flow_eval.add_argument(
+        "--backends", nargs="+", default=None, help="default: every backend auto could pick here (others: reason)"
+    )
+    flow_eval.add_argument("--presets", nargs="+", default=None, help="default: ultrafast fast medium slow")
+    flow_eval.add_argument("--scale", type=float, default=1.0, help="working scale, 0 < scale <= 1")
+    flow_eval.add_argument("--grid", type=int, default=1, choices=(1, 4), help="evaluate on this output grid")
+    flow_eval.set_defaults(func=_cmd_flow_eval)
+
+
+def _add_bench_flow_parser(bench_sub) -> None:
+    flow = bench_sub.add_parser(
+        "flow", help="time per pair and EPE of every flow backend/preset (synthetic scene + ../shared/data)"
+    )
+    flow.add_argument("--backends", nargs="+", default=None, help="default: every available backend")
+    flow.add_argument(
+        "--presets", nargs="+", default=None, help="default: ultrafast and fast per backend, plus dis medium"
+    )
+    flow.add_argument(
+        "--resolutions",
+        nargs="+",
+        default=["640x480", "1280x720", "1920x1080"],
+        choices=["640x480", "1280x720", "1920x1080"],
+    )
+    flow.add_argument("--runs", type=int, default=50, help="timed runs per configuration (median)")
+    flow.add_argument("--warmup", type=int, default=5, help="untimed runs first")
+    flow.add_argument("--scale", type=float, default=0.5, help="working scale (pipeline default 0.5)")
+    flow.add_argument("--grid", type=int, default=4, choices=(1, 4), help="output grid for timing (EPE: grid 1)")
+    flow.add_argument(
+        "--data", default=None, help="ground-truth folder for EPE (default: $FOVEA_SHARED_DATA or ../shared/data)"
+    )
+    flow.add_argument("--json", default=None, help="also write the results as JSON to this path")
+    flow.add_argument("--no-append", action="store_true", help="do not append to docs/BENCHMARKS.md")
+    flow.set_defaults(func=_cmd_bench_flow)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fovea-vla", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--device", default="auto", help="texture device: auto, cpu, cuda")
     pipeline.add_argument("--no-append", action="store_true", help="do not append to docs/BENCHMARKS.md")
     pipeline.set_defaults(func=_cmd_bench)
+    _add_bench_flow_parser(bench_sub)
+
+    _add_flow_parsers(sub)
 
     demo = sub.add_parser("demo", help="run the graph on the synthetic scene and record video + summary")
     demo.add_argument("--duration", type=float, default=20.0, help="recording time [s]")

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # ../shared/data beside the checkout; FOVEA_SHARED_DATA points elsewhere (e.g. a copy on a GPU machine).
 SHARED_DATA = Path(os.environ.get("FOVEA_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))

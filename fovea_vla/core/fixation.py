@@ -185,7 +185,22 @@ class FixationController:
     def external_active(self) -> bool:
         return self._external_until_s is not None
 
-    def update(self, flow: np.ndarray | None, grid: int, now_s: float) -> FixationState:
+    def on_scene_cut(self, now_s: float) -> None:
+        """Forget the pursued target: the next frame may saccade at once."""
+        self._vel[:] = 0.0
+        self._confidence = 0.0
+        self._idle_since_s = now_s - self.cfg.acquire_after_s
+        self._last_saccade_s = -math.inf
+
+    def update(
+        self,
+        flow: np.ndarray | None,
+        grid: int,
+        now_s: float,
+        *,
+        residual: np.ndarray | None = None,
+        independent: np.ndarray | None = None,
+    ) -> FixationState:
         """Advance the controller by one frame.
 
         Args:
@@ -193,6 +208,10 @@ class FixationController:
                 None on the first frame (or when flow is off): the fixation then holds.
             grid: block side [px] of ``flow``.
             now_s: capture time of this frame [s].
+            residual: (Hg, Wg, 2) flow minus the camera's own motion, from motion analysis; when
+                None the camera motion is taken as the median flow.
+            independent: (Hg, Wg) bool blocks that move independently of the camera (motion
+                analysis); when None, blocks whose residual exceeds ``motion_threshold_px``.
 
         Returns:
             The new fixation.
@@ -209,9 +228,10 @@ class FixationController:
             return self.state
 
         xs, ys = grid_centers(flow.shape[:2], grid)
-        camera = np.median(flow.reshape(-1, 2), axis=0)
-        residual = np.linalg.norm(flow - camera, axis=2)
-        moving = residual > self.cfg.motion_threshold_px
+        if residual is None:
+            residual = flow - np.median(flow.reshape(-1, 2), axis=0)
+        residual = np.linalg.norm(residual, axis=2)
+        moving = residual > self.cfg.motion_threshold_px if independent is None else independent
 
         dx = xs[None, :] - self._pos[0]
         dy = ys[:, None] - self._pos[1]

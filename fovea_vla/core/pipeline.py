@@ -1,4 +1,4 @@
-"""Per-frame orchestration: flow -> fixation -> texture pyramid -> foveated sampling.
+"""Per-frame orchestration: flow -> motion analysis -> fixation -> texture pyramid -> foveated sampling.
 
 One :class:`FoveaPipeline` owns the stages' state (previous frame, fixation filter, texture) and
 reports how long each stage took. It is ROS-free: the node feeds it decoded frames and publishes
@@ -14,6 +14,7 @@ import numpy as np
 
 from fovea_vla.core.fixation import FixationConfig, FixationController, FixationState
 from fovea_vla.core.flow import FlowConfig, FlowResult, make_flow
+from fovea_vla.core.flow.motion import MotionAnalysis, MotionAnalyzer, MotionConfig
 from fovea_vla.core.foveation import FoveatedLayout, FoveationConfig, foveated_layout
 from fovea_vla.core.frames import Frame, rgb_to_gray
 from fovea_vla.core.registry import BackendSelection
@@ -29,6 +30,8 @@ class PipelineConfig:
     Attributes:
         flow: optical-flow engine.
         flow_enabled: when false, no flow is computed and the fixation only moves on request.
+        motion: motion analysis on top of the flow (changed tiles, camera motion, independent
+            motion, scene cuts).
         texture: texture pyramid backend and device.
         foveation: sampling layout (token budget, e0).
         fixation: fixation controller.
@@ -36,6 +39,7 @@ class PipelineConfig:
 
     flow: FlowConfig = field(default_factory=lambda: FlowConfig(grid=4, preset="ultrafast", scale=0.5))
     flow_enabled: bool = True
+    motion: MotionConfig = field(default_factory=MotionConfig)
     texture: TextureConfig = field(default_factory=TextureConfig)
     foveation: FoveationConfig = field(default_factory=FoveationConfig)
     fixation: FixationConfig = field(default_factory=FixationConfig)
@@ -54,6 +58,7 @@ class PipelineOutput:
         patches: torch.Tensor (N, 3, P, P) float32 in [0, 1] on the texture device.
         rgb: (H, W, 3) uint8 the decoded source frame (not copied).
         flow: flow from the previous frame, or None on the first frame / with flow off.
+        motion: motion analysis of that flow, or None when there is no flow.
         flow_grid: block side [px] of ``flow``.
         timing_ms: per-stage wall time [ms], including "total".
     """
@@ -67,6 +72,7 @@ class PipelineOutput:
     patches: object
     rgb: np.ndarray
     flow: FlowResult | None
+    motion: MotionAnalysis | None
     flow_grid: int
     timing_ms: dict[str, float]
 
@@ -80,6 +86,7 @@ class FoveaPipeline:
         self._flow = None
         if self.cfg.flow_enabled:
             self._flow, self.backends["flow"] = make_flow(self.cfg.flow)
+        self._motion = MotionAnalyzer(self.cfg.motion)
         self._texture, self.backends["texture"] = make_texture(self.cfg.texture)
         self._fixation: FixationController | None = None
         self._prev_gray: np.ndarray | None = None
@@ -93,6 +100,7 @@ class FoveaPipeline:
         """Forget the previous frame and the fixation history (e.g. after a camera switch)."""
         self._prev_gray = None
         self._fixation = None
+        self._motion.reset()
         if self._flow is not None:
             self._flow.reset()
 
@@ -120,14 +128,23 @@ class FoveaPipeline:
             self._fixation = FixationController(self.cfg.fixation, width, height)
             self._prev_gray = None
 
-        flow_result = None
+        flow_result = motion = None
         if self._flow is not None:
             t = time.perf_counter()
             gray = rgb_to_gray(frame.rgb)
             if self._prev_gray is not None:
                 flow_result = self._flow.compute(self._prev_gray, gray)
+                if flow_result.device_ms is not None:
+                    timing["flow_gpu"] = flow_result.device_ms
+                timing["flow"] = (time.perf_counter() - t) * 1e3
+                t = time.perf_counter()
+                motion = self._motion.analyze(self._prev_gray, gray, flow_result, self.cfg.flow.grid)
+                timing["motion"] = (time.perf_counter() - t) * 1e3
+                if motion.is_cut:
+                    # Nothing carries over a cut: no temporal hints, no pursued target.
+                    self._flow.reset()
+                    self._fixation.on_scene_cut(now_s)
             self._prev_gray = gray
-            timing["flow"] = (time.perf_counter() - t) * 1e3
 
         t = time.perf_counter()
         if self._pending_external is not None:
@@ -135,9 +152,16 @@ class FoveaPipeline:
             self._pending_external = None
             fixation = self._fixation.set_external(x, y, now_s, hold_s)
             self._fixation.update(None, 1, now_s)
+        elif flow_result is None or motion.is_cut:
+            fixation = self._fixation.update(None, self.cfg.flow.grid, now_s)
         else:
-            grid = self.cfg.flow.grid
-            fixation = self._fixation.update(None if flow_result is None else flow_result.flow, grid, now_s)
+            fixation = self._fixation.update(
+                flow_result.flow,
+                self.cfg.flow.grid,
+                now_s,
+                residual=motion.residual,
+                independent=motion.independent_mask,
+            )
         timing["fixation"] = (time.perf_counter() - t) * 1e3
 
         t = time.perf_counter()
@@ -162,6 +186,7 @@ class FoveaPipeline:
             patches=patches,
             rgb=frame.rgb,
             flow=flow_result,
+            motion=motion,
             flow_grid=self.cfg.flow.grid,
             timing_ms=timing,
         )

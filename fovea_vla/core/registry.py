@@ -3,7 +3,9 @@
 Each accelerated stage (flow, texture, decode, ...) owns one :class:`BackendRegistry`. Backends
 register a factory under a name together with an availability check that returns ``(ok, reason)``
 without raising, so ``auto`` can fall through a fixed preference order and say why it picked
-what it picked.
+what it picked. A backend that works here but should not be an ``auto`` pick (a GPU backend
+falling back to a slow CPU path, say) also registers a ``when_named`` check, used instead when
+the backend is asked for by name.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class BackendSelection:
 class _Entry:
     factory: Callable
     is_available: Callable[[], Availability]
+    when_named: Callable[[], Availability] | None = None
 
 
 class BackendRegistry:
@@ -53,13 +56,29 @@ class BackendRegistry:
         self._loaded = False
         self._logged_auto: set[tuple[str, ...]] = set()
 
-    def register(self, name: str, is_available: Callable[[], Availability]):
-        """Decorator registering ``factory`` under ``name``."""
+    def register(
+        self,
+        name: str,
+        is_available: Callable[[], Availability],
+        *,
+        when_named: Callable[[], Availability] | None = None,
+    ):
+        """Decorator registering ``factory`` under ``name``.
+
+        Args:
+            name: backend name.
+            is_available: ``() -> (ok, reason)``: whether ``auto`` may pick the backend here, and
+                what :meth:`report` shows.
+            when_named: ``() -> (ok, reason)`` used instead of ``is_available`` when the backend
+                is asked for by name; None = the same check. For backends usable on request but
+                not an ``auto`` choice here (``is_available`` then gives the reason ``auto``
+                skips them).
+        """
 
         def decorator(factory):
             if name in self._entries:
                 raise ValueError(f"{self.stage} backend {name!r} registered twice")
-            self._entries[name] = _Entry(factory, is_available)
+            self._entries[name] = _Entry(factory, is_available, when_named)
             return factory
 
         return decorator
@@ -88,14 +107,21 @@ class BackendRegistry:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"{field}={name!r} is not a known {self.stage} backend ({', '.join(known)}){hint}")
 
-    def availability(self, name: str) -> Availability:
-        """``(ok, reason)`` for one backend; never raises."""
+    def availability(self, name: str, *, named: bool = False) -> Availability:
+        """``(ok, reason)`` for one backend; never raises.
+
+        Args:
+            name: backend name.
+            named: check for an explicit request by name (the backend's ``when_named`` check
+                where it registered one) instead of for ``auto``.
+        """
         self._load()
         entry = self._entries.get(name)
         if entry is None:
             return False, f"backend {name!r} is not installed with this package (module failed to import)"
+        check = entry.when_named if named and entry.when_named is not None else entry.is_available
         try:
-            return entry.is_available()
+            return check()
         except Exception as exc:  # an availability probe must never take a node down
             return False, f"availability check failed: {type(exc).__name__}: {exc}"
 
@@ -115,7 +141,7 @@ class BackendRegistry:
         """
         self.check_name(name, field=field)
         if name != "auto":
-            ok, reason = self.availability(name)
+            ok, reason = self.availability(name, named=True)
             if not ok:
                 raise RuntimeError(f"{self.stage} backend {name!r} is unavailable: {reason}")
             return BackendSelection(name, "configured")

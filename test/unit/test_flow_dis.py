@@ -84,7 +84,7 @@ def test_config_defaults():
 
 
 def test_unknown_backend_lists_known_names():
-    with pytest.raises(ValueError, match=r"flow\.backend='diss'.*\(dis, auto\).*did you mean 'dis'"):
+    with pytest.raises(ValueError, match=r"flow\.backend='diss'.*\(.*dis.*auto\).*did you mean 'dis'"):
         FlowConfig(backend="diss")
 
 
@@ -94,11 +94,15 @@ def test_auto_picks_dis_on_cpu_and_logs_once(caplog):
     assert selection.name == "dis" and backend.name == "dis"
     assert isinstance(backend, FlowBackend)
     assert selection.reason.startswith("auto")
-    # vpi/nvof/torch come before dis in auto order but are not registered yet.
+    # vpi/nvof/torch come before dis in auto order; without VPI and a CUDA device none of them is an
+    # automatic choice here, each with its reason.
     assert FLOW_BACKENDS.auto_order == ("vpi", "nvof", "torch", "dis")
-    for missing in ("vpi", "nvof", "torch"):
-        ok, reason = FLOW_BACKENDS.availability(missing)
-        assert not ok and "not installed" in reason
+    import torch
+
+    if not torch.cuda.is_available():
+        for missing in ("vpi", "nvof", "torch"):
+            ok, reason = FLOW_BACKENDS.availability(missing)
+            assert not ok and reason
     make_flow(FlowConfig(backend="auto"))
     picks = [r for r in caplog.records if "auto -> dis" in r.getMessage()]
     assert len(picks) <= 1  # at most once per process (an earlier test may have logged it)
