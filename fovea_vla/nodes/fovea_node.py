@@ -22,6 +22,7 @@ from visualization_msgs.msg import MarkerArray
 
 from fovea_vla.core.fixation import FixationConfig
 from fovea_vla.core.flow import FlowConfig
+from fovea_vla.core.flow.motion import MotionConfig
 from fovea_vla.core.foveation import FoveationConfig
 from fovea_vla.core.frames import FrameError
 from fovea_vla.core.overlay import draw_overlay
@@ -82,6 +83,19 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("flow.grid", 4, "Flow output grid [px]: 1 = dense, 4 = one vector per 4x4 block.", range=(1, 4)),
     ParamSpec("flow.preset", "ultrafast", "Flow quality preset.", choices=("ultrafast", "fast", "medium", "slow")),
     ParamSpec("flow.scale", 0.5, "Frames are resized by this factor before flow.", range=(0.05, 1.0)),
+    ParamSpec("motion.tile_size", 32, "Tile side for changed-tile detection [px].", range=(4, 512)),
+    ParamSpec(
+        "motion.ego_model",
+        "affine",
+        "Camera-motion model fitted to the flow (RANSAC).",
+        choices=("translation", "affine", "homography"),
+    ),
+    ParamSpec(
+        "motion.photometric_threshold",
+        8.0,
+        "Mean absolute grey-level change that marks a tile changed even without motion.",
+        range=(0.0, 255.0),
+    ),
     ParamSpec(
         "texture.backend",
         "auto",
@@ -161,6 +175,14 @@ PARAMS: tuple[ParamSpec, ...] = (
 )
 
 
+_DECISIONS = {
+    "static": PipelineStats.DECISION_STATIC,
+    "partial": PipelineStats.DECISION_PARTIAL,
+    "full": PipelineStats.DECISION_FULL,
+    "cut": PipelineStats.DECISION_CUT,
+}
+
+
 class ConfigError(ValueError):
     """A parameter value was refused; the message names the parameter."""
 
@@ -180,6 +202,11 @@ def pipeline_config(values: dict) -> PipelineConfig:
                 scale=values["flow.scale"],
             ),
             flow_enabled=values["flow.enabled"],
+            motion=MotionConfig(
+                tile_size=values["motion.tile_size"],
+                ego_model=values["motion.ego_model"],
+                photometric_threshold=values["motion.photometric_threshold"],
+            ),
             texture=TextureConfig(
                 backend=values["texture.backend"],
                 device=values["texture.device"],
@@ -405,8 +432,8 @@ class FoveaNode(Node):
             frames_received=self.frames_received,
             frames_processed=self.frames_processed,
             drops=[DropCount(reason=r, count=c) for r, c in self.drops.items()],
-            decision=PipelineStats.DECISION_NONE,
-            changed_fraction=0.0,
+            decision=_DECISIONS[output.motion.change] if output.motion else PipelineStats.DECISION_NONE,
+            changed_fraction=float(output.motion.changed_fraction) if output.motion else 0.0,
             num_tokens=output.layout.num_tokens,
             stages=stages,
             backends=[
