@@ -7,6 +7,16 @@ from pathlib import Path
 
 import pytest
 
+try:
+    import rclpy  # noqa: F401
+
+    HAVE_ROS = True
+except ImportError:  # e.g. a GPU machine with torch but no ROS 2: run the core tests only
+    HAVE_ROS = False
+
+# Modules that import ROS 2 at collection time.
+collect_ignore_glob = [] if HAVE_ROS else ["ros/*", "unit/test_bringup.py"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # ../shared/data beside the checkout; FOVEA_SHARED_DATA points elsewhere (e.g. a copy on a GPU machine).
 SHARED_DATA = Path(os.environ.get("FOVEA_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))

@@ -58,6 +58,9 @@ def machine() -> dict[str, str]:
 
 
 def _git_sha() -> str:
+    # A copy without .git (e.g. on a GPU machine) can be told its revision.
+    if os.environ.get("FOVEA_GIT_SHA"):
+        return os.environ["FOVEA_GIT_SHA"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True

@@ -55,20 +55,35 @@ def _nvof(**kwargs):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("grid", [1, 4])
-def test_known_translation(grid):
+@pytest.mark.parametrize(("grid", "bound"), [(1, 0.25), (4, 0.5)])
+def test_known_translation(grid, bound):
+    """Project bounds: error in textured regions under 0.25 px at grid 1, 0.5 px at grid 4."""
     prev, cur, _ = make_example(480, 640, shift=(3.4, -2.25), seed=1)
     result = _nvof(grid=grid, preset="medium", scale=1.0).compute(prev, cur)
     assert result.flow.shape == (*(-(-np.array(prev.shape) // grid)), 2)
     interior = result.flow[16 // grid : -16 // grid, 16 // grid : -16 // grid]
     error = np.linalg.norm(interior - np.array([3.4, -2.25]), axis=-1)
-    assert np.median(error) < 0.25 and error.mean() < 0.5, (np.median(error), error.mean())
+    print(f"nvof medium grid {grid}: mean error {error.mean():.3f} px")
+    assert error.mean() < bound
     assert result.device_ms is not None and result.device_ms > 0
     assert result.confidence is not None and result.confidence.shape == result.flow.shape[:2]
 
 
 @pytest.mark.gpu
-def test_rotation_grid4():
+def test_engine_alone_is_within_half_a_pixel_at_grid_4():
+    from fovea_vla.core.flow.nvof import NvofFlow
+
+    _nvof()  # skips without the engine
+    prev, cur, _ = make_example(480, 640, shift=(3.4, -2.25), seed=1)
+    engine = NvofFlow(FlowConfig(backend="nvof", grid=4, preset="ultrafast", scale=1.0), refine=False)
+    error = np.linalg.norm(engine.compute(prev, cur).flow[4:-4, 4:-4] - np.array([3.4, -2.25]), axis=-1)
+    print(f"nvof engine alone grid 4: mean error {error.mean():.3f} px")
+    assert error.mean() < 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("grid", "bound"), [(1, 0.25), (4, 0.5)])
+def test_rotation(grid, bound):
     rng = np.random.default_rng(4)
     big = cv2.GaussianBlur(rng.uniform(0, 255, (1920, 2560)).astype(np.float32), (0, 0), 8)
     angle = 1.5
@@ -88,10 +103,12 @@ def test_rotation_grid4():
         ],
         axis=-1,
     )
-    result = _nvof(grid=4, preset="medium", scale=1.0).compute(prev, cur)
-    expected = flow_at_grid(gt, 4)
-    error = np.linalg.norm(result.flow - expected, axis=-1)[8:-8, 8:-8]
-    assert error.mean() < 0.5, error.mean()
+    result = _nvof(grid=grid, preset="medium", scale=1.0).compute(prev, cur)
+    expected = flow_at_grid(gt, grid)
+    margin = 32 // grid
+    error = np.linalg.norm(result.flow - expected, axis=-1)[margin:-margin, margin:-margin]
+    print(f"nvof medium rotation grid {grid}: mean error {error.mean():.3f} px")
+    assert error.mean() < bound
 
 
 @pytest.mark.gpu
