@@ -142,8 +142,7 @@ def _byte_view(data) -> np.ndarray:
         return np.frombuffer(data, dtype=np.uint8)
     except (TypeError, ValueError) as exc:
         raise TypeError(
-            f"image data must be bytes, bytearray, memoryview, array.array or a numpy array, "
-            f"got {type(data).__name__}"
+            f"image data must be bytes, bytearray, memoryview, array.array or a numpy array, got {type(data).__name__}"
         ) from exc
 
 
@@ -191,15 +190,11 @@ def image_to_array(
     width, height, step = int(width), int(height), int(step)
     buf = _byte_view(data)
     if width <= 0 or height <= 0 or buf.size == 0:
-        raise FrameError(
-            "zero_size", f"{encoding} image is empty: {width}x{height} pixels, {buf.size} data bytes"
-        )
+        raise FrameError("zero_size", f"{encoding} image is empty: {width}x{height} pixels, {buf.size} data bytes")
     if width * height > max_pixels:
         raise FrameError("too_large", f"{encoding} image {width}x{height} exceeds max_pixels={max_pixels}")
     if encoding in _YUV422 and width % 2:
-        raise FrameError(
-            "truncated", f"{encoding} needs an even width (2 pixels per U Y V Y group), got {width}"
-        )
+        raise FrameError("truncated", f"{encoding} needs an even width (2 pixels per U Y V Y group), got {width}")
     dtype = np.dtype(spec.dtype).newbyteorder(">" if is_bigendian else "<")
     bpp = dtype.itemsize * spec.channels
     if step < width * bpp:
@@ -288,9 +283,7 @@ def image_to_rgb(
     try:
         return _cvt_to_rgb(arr, code)
     except cv2.error as exc:
-        raise FrameError(
-            "bad_encoding", f"OpenCV cannot convert {encoding} {width}x{height} to RGB: {exc}"
-        ) from exc
+        raise FrameError("bad_encoding", f"OpenCV cannot convert {encoding} {width}x{height} to RGB: {exc}") from exc
 
 
 _CODECS = {"jpeg": ".jpg", "jpg": ".jpg", "png": ".png"}
@@ -383,15 +376,11 @@ def compressed_to_rgb(data, fmt: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -
     try:
         img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:
-        raise FrameError(
-            "corrupt_compressed", f"{ext[1:]} data ({buf.size} bytes) failed to decode: {exc}"
-        ) from exc
+        raise FrameError("corrupt_compressed", f"{ext[1:]} data ({buf.size} bytes) failed to decode: {exc}") from exc
     if img is None or img.size == 0:
         raise FrameError("corrupt_compressed", f"{ext[1:]} data ({buf.size} bytes) does not decode")
     if img.shape[0] * img.shape[1] > max_pixels:
-        raise FrameError(
-            "too_large", f"decoded image {img.shape[1]}x{img.shape[0]} exceeds max_pixels={max_pixels}"
-        )
+        raise FrameError("too_large", f"decoded image {img.shape[1]}x{img.shape[0]} exceeds max_pixels={max_pixels}")
     channels = 1 if img.ndim == 2 else img.shape[2]
     if img.dtype not in (np.uint8, np.uint16) or channels not in (1, 3, 4):
         raise FrameError("corrupt_compressed", f"unexpected decoded image: {img.dtype} {img.shape}")
@@ -429,9 +418,7 @@ def rgb_to_image_fields(rgb: np.ndarray, encoding: str = "rgb8") -> tuple[bytes,
         ValueError: ``rgb`` is not ``(H, W, 3)`` ``uint8``.
     """
     if encoding not in _PUBLISH:
-        raise FrameError(
-            "bad_encoding", f"cannot publish encoding {encoding!r}; supported: {', '.join(_PUBLISH)}"
-        )
+        raise FrameError("bad_encoding", f"cannot publish encoding {encoding!r}; supported: {', '.join(_PUBLISH)}")
     _check_rgb(rgb)
     code, channels = _PUBLISH[encoding]
     out = rgb if code is None else cv2.cvtColor(rgb, code)

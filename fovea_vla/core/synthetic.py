@@ -110,9 +110,7 @@ def _fail(name: str, value, requirement: str):
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
-        value, (bool, np.bool_)
-    )
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
 def _as_int(name: str, value, minimum: int) -> int:
@@ -313,9 +311,7 @@ class SyntheticScene:
             cam_amp[:] = np.array([0.8, 0.2]) * cfg.camera_speed_px_s / cam_omega
             cam_phase[:] = rng.uniform(0.0, 2 * np.pi, (2, 2))
         margin = math.ceil(cam_amp.sum(axis=1).max()) + 2
-        background = _make_background(
-            np.random.default_rng(bg_ss), cfg.height + 2 * margin, cfg.width + 2 * margin
-        )
+        background = _make_background(np.random.default_rng(bg_ss), cfg.height + 2 * margin, cfg.width + 2 * margin)
 
         n = cfg.num_objects
         sizes = np.zeros((n, 2))
@@ -363,9 +359,7 @@ class SyntheticScene:
         # Binomial(16, 1/2) - 8 (std 2) from 16 random bits per sample, scaled to noise_std: a
         # close Gaussian approximation at a quarter of the cost of numpy normals. Every frame
         # draws fresh bits, since noise repeated between frames would correlate like texture.
-        bits = np.random.default_rng([self.cfg.seed, _NOISE_STREAM, index]).integers(
-            0, 256, (2, h, w * 3), np.uint8
-        )
+        bits = np.random.default_rng([self.cfg.seed, _NOISE_STREAM, index]).integers(0, 256, (2, h, w * 3), np.uint8)
         counts = cv2.add(cv2.LUT(bits[0], _POPCOUNT), cv2.LUT(bits[1], _POPCOUNT)).reshape(h, w, 3)
         scale = self.cfg.noise_std / 2
         return cv2.addWeighted(frame, 1.0, counts, scale, -8 * scale, dtype=cv2.CV_8U)
@@ -473,9 +467,7 @@ def _make_background(rng: np.random.Generator, height: int, width: int) -> np.nd
             cv2.circle(base, (int(cx), int(cy)), int(size), colour, -1, cv2.LINE_AA)
         elif kind == 1:
             w, h = size * rng.uniform(0.5, 2.0, 2)
-            cv2.rectangle(
-                base, (int(cx - w), int(cy - h)), (int(cx + w), int(cy + h)), colour, -1, cv2.LINE_AA
-            )
+            cv2.rectangle(base, (int(cx - w), int(cy - h)), (int(cx + w), int(cy + h)), colour, -1, cv2.LINE_AA)
         elif kind == 2:
             angle = rng.uniform(0, 2 * np.pi)
             end = (int(cx + 2 * size * math.cos(angle)), int(cy + 2 * size * math.sin(angle)))

@@ -109,9 +109,7 @@ def _gray_ref(rgb: np.ndarray) -> np.ndarray:
 
 def _smooth_rgb(h: int = 120, w: int = 160) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w]
-    return np.stack([xx * 255 // (w - 1), yy * 255 // (h - 1), (xx + yy) * 255 // (h + w - 2)], -1).astype(
-        np.uint8
-    )
+    return np.stack([xx * 255 // (w - 1), yy * 255 // (h - 1), (xx + yy) * 255 // (h + w - 2)], -1).astype(np.uint8)
 
 
 def test_required_encodings_supported():
@@ -346,9 +344,7 @@ def test_decodes_compressed_bayer_mosaic():
 
 
 def _png_header(width: int, height: int) -> bytes:
-    return (
-        b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\x0dIHDR" + width.to_bytes(4, "big") + height.to_bytes(4, "big")
-    )
+    return b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\x0dIHDR" + width.to_bytes(4, "big") + height.to_bytes(4, "big")
 
 
 def _jpeg_claiming(width: int, height: int) -> bytes:

@@ -173,9 +173,7 @@ def test_noise_has_the_configured_std_and_differs_per_frame():
 
 
 def test_config_accepts_sequences_and_numpy_scalars():
-    cfg = SyntheticSceneConfig(
-        width=np.int64(320), object_size_px=[10, 20], object_speed_px_s=np.array([1, 2])
-    )
+    cfg = SyntheticSceneConfig(width=np.int64(320), object_size_px=[10, 20], object_speed_px_s=np.array([1, 2]))
     assert cfg.width == 320 and type(cfg.width) is int
     assert cfg.object_size_px == (10, 20) and cfg.object_speed_px_s == (1.0, 2.0)
 
