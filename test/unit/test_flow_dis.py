@@ -27,6 +27,8 @@ from fovea_vla.core.flow import base as flow_base
 from fovea_vla.core.flow.base import flow_at_grid
 from fovea_vla.core.flow.flo import read_flo
 
+from .flow_examples import interior_error, rotation_example
+
 MIDDLEBURY = "VISION-Optical-Flow/data2"
 SINTEL = "faldoi-ipol/example_data/clean/easy"
 
@@ -252,3 +254,12 @@ def test_bad_inputs_raise():
         backend.compute(np.zeros((64, 64, 4), np.uint8), np.zeros((64, 64, 4), np.uint8))
     with pytest.raises(ValueError, match="at least 12x12"):
         backend.compute(np.zeros((20, 64), np.uint8), np.zeros((20, 64), np.uint8))  # 10 px at 0.5
+
+
+@pytest.mark.parametrize("grid", [1, 4])
+@pytest.mark.parametrize("degrees", [1.5, -2.0])
+def test_rotation_medium(grid, degrees):
+    """Stage bounds: 0.25 px dense, 0.5 px on grid 4 (measured 0.05 px for medium at scale 1)."""
+    prev, cur, gt, _ = rotation_example(240, 320, degrees)
+    flow = make_flow(FlowConfig(backend="dis", preset="medium", scale=1.0, grid=grid))[0]
+    assert interior_error(flow.compute(prev, cur).flow, gt, grid) < (0.25 if grid == 1 else 0.5)
