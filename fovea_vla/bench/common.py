@@ -73,7 +73,7 @@ def append_results(title: str, command: str, table: str, results: dict, path: Pa
     """Append a dated section (machine, command, table, JSON) to docs/BENCHMARKS.md."""
     if path is None:
         # From a source checkout, the project's record; from an installed copy, the working directory.
-        path = REPO / "docs" / "BENCHMARKS.md" if (REPO / ".git").exists() else Path.cwd() / "BENCHMARKS.md"
+        path = REPO / "docs" / "BENCHMARKS.md" if (REPO / "docs").is_dir() else Path.cwd() / "BENCHMARKS.md"
     info = machine()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = [

@@ -30,6 +30,7 @@ try:  # ships with torch's CUDA builds; the median filter on CUDA
     import triton.language as tl
 except ImportError:
     triton = None
+HAVE_TRITON = triton is not None
 
 __all__ = ["GRAY_WEIGHTS", "DenseLK", "LKParams", "Level", "median5", "to_output_grid", "upsample", "with_differences"]
 

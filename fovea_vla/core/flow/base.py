@@ -100,8 +100,8 @@ class FlowResult:
         backend: name of the backend that produced it.
         timing_ms: wall time of ``compute`` in milliseconds, input conversion and the copy of
             ``flow`` to host memory included.
-        device_flow: GPU backends: the same field as a torch.Tensor (Hg, Wg, 2) float32 on their
-            device, for consumers that stay on the GPU; None for CPU backends.
+        device_flow: the same field as a torch.Tensor (Hg, Wg, 2) float32 on the backend's device
+            (torch and nvof), for consumers that stay on the GPU; None for backends without torch.
         device_ms: GPU backends: time of the flow kernels alone [ms], measured with CUDA events;
             None for CPU backends.
     """

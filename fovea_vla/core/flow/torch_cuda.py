@@ -64,6 +64,7 @@ import time
 
 import numpy as np
 
+from fovea_vla.core.flow import _lk
 from fovea_vla.core.flow._lk import GRAY_WEIGHTS, DenseLK, LKParams, median5, to_output_grid
 from fovea_vla.core.flow.base import FLOW_BACKENDS, FlowConfig, FlowResult, grid_shape
 from fovea_vla.core.registry import Availability
@@ -88,6 +89,8 @@ def is_available() -> Availability:
         return False, _TORCH_IMPORT_ERROR
     if not torch.cuda.is_available():
         return False, NO_CUDA_REASON
+    if not _lk.HAVE_TRITON:
+        return False, "Triton not importable: the 5x5 median would fall back to a slow path (name it to use it anyway)"
     return True, f"{torch.cuda.get_device_name(0)} (torch {torch.__version__})"
 
 
@@ -96,7 +99,8 @@ def is_available_when_named() -> Availability:
     if torch is None:
         return False, _TORCH_IMPORT_ERROR
     if torch.cuda.is_available():
-        return is_available()
+        median = "Triton median" if _lk.HAVE_TRITON else "slow median: Triton not importable"
+        return True, f"{torch.cuda.get_device_name(0)} (torch {torch.__version__}, {median})"
     return True, f"torch {torch.__version__} on the CPU (no CUDA device)"
 
 
