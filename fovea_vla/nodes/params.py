@@ -21,6 +21,10 @@ _TYPES = {
     float: ParameterType.PARAMETER_DOUBLE,
     str: ParameterType.PARAMETER_STRING,
 }
+_ARRAY_TYPES = {
+    int: ParameterType.PARAMETER_INTEGER_ARRAY,
+    float: ParameterType.PARAMETER_DOUBLE_ARRAY,
+}
 
 
 @dataclass(frozen=True)
@@ -29,23 +33,30 @@ class ParamSpec:
 
     Attributes:
         name: dotted parameter name (``flow.backend``).
-        default: default value; its Python type is the parameter's type.
+        default: default value; its Python type is the parameter's type. A tuple of ints or floats
+            is an integer / double array of that fixed length.
         description: one line for ``ros2 param describe`` and the README.
-        range: inclusive (min, max) for numbers.
+        range: inclusive (min, max) for numbers (each element of an array).
         choices: allowed values for strings.
         read_only: true when a change needs a restart.
     """
 
     name: str
-    default: bool | int | float | str
+    default: bool | int | float | str | tuple
     description: str
     range: tuple[float, float] | None = None
     choices: tuple[str, ...] | None = None
     read_only: bool = True
 
     @property
+    def element_type(self) -> type:
+        """Python type of the value, or of each element of an array."""
+        return type(self.default[0]) if isinstance(self.default, tuple) else type(self.default)
+
+    @property
     def type_name(self) -> str:
-        return type(self.default).__name__
+        name = self.element_type.__name__
+        return f"{name}[{len(self.default)}]" if isinstance(self.default, tuple) else name
 
     def descriptor(self) -> ParameterDescriptor:
         text = self.description
@@ -53,12 +64,13 @@ class ParamSpec:
             text += f" One of: {', '.join(self.choices)}."
         descriptor = ParameterDescriptor(
             name=self.name,
-            type=_TYPES[type(self.default)],
+            type=(_ARRAY_TYPES if isinstance(self.default, tuple) else _TYPES)[self.element_type],
             description=text,
             read_only=self.read_only,
             # Doubles accept integers written in YAML (`scale: 1`); declare_all converts them.
-            dynamic_typing=isinstance(self.default, float),
+            dynamic_typing=self.element_type is float,
         )
+        # ROS descriptor ranges apply to scalars only; check() bounds every element of an array.
         if self.range is not None and isinstance(self.default, float):
             descriptor.floating_point_range = [
                 FloatingPointRange(from_value=float(self.range[0]), to_value=float(self.range[1]), step=0.0)
@@ -75,9 +87,28 @@ class ParamSpec:
         """A reason the value is refused, or None when it is acceptable."""
         if self.choices and value not in self.choices:
             return f"{self.name}={value!r}: must be one of {', '.join(self.choices)}"
-        if self.range is not None and not self.range[0] <= value <= self.range[1]:
+        values = value if isinstance(self.default, tuple) else (value,)
+        if isinstance(self.default, tuple) and len(value) != len(self.default):
+            return f"{self.name}={list(value)!r}: must have {len(self.default)} elements"
+        if self.range is not None and not all(self.range[0] <= v <= self.range[1] for v in values):
             return f"{self.name}={value!r}: must be in [{self.range[0]}, {self.range[1]}]"
         return None
+
+    def coerce(self, value):
+        """A declared value in the spec's Python type (ints widened to floats), or ValueError."""
+        if isinstance(self.default, tuple):
+            if isinstance(value, str | bytes) or not hasattr(value, "__len__"):
+                raise ValueError(f"{self.name}={value!r}: expected a list of {self.element_type.__name__}")
+            return tuple(self._coerce_scalar(v) for v in value)
+        return self._coerce_scalar(value)
+
+    def _coerce_scalar(self, value):
+        kind = self.element_type
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if type(value) is not kind:
+            raise ValueError(f"{self.name}={value!r}: expected {kind.__name__}, got {type(value).__name__}")
+        return value
 
 
 def declare_all(node, specs: Sequence[ParamSpec]) -> dict[str, object]:
@@ -88,16 +119,11 @@ def declare_all(node, specs: Sequence[ParamSpec]) -> dict[str, object]:
     """
     values = {}
     for spec in specs:
+        default = list(spec.default) if isinstance(spec.default, tuple) else spec.default
         try:
-            value = node.declare_parameter(spec.name, spec.default, spec.descriptor()).value
+            value = spec.coerce(node.declare_parameter(spec.name, default, spec.descriptor()).value)
         except ParameterException as exc:
             raise ValueError(f"parameter {spec.name}: {exc}") from exc
-        if isinstance(spec.default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if type(value) is not type(spec.default):
-            raise ValueError(
-                f"{spec.name}={value!r}: expected {type(spec.default).__name__}, got {type(value).__name__}"
-            )
         problem = spec.check(value)
         if problem:
             raise ValueError(problem)
@@ -109,7 +135,7 @@ def format_table(specs: Sequence[ParamSpec]) -> str:
     """Markdown table of parameters (as in the README)."""
     lines = ["| Parameter | Type | Default | Description |", "|---|---|---|---|"]
     for spec in specs:
-        default = f'"{spec.default}"' if isinstance(spec.default, str) else str(spec.default).lower()
+        default = f'"{spec.default}"' if isinstance(spec.default, str) else _yaml_scalar(spec.default)
         text = spec.description
         if spec.choices:
             text += f" One of: {', '.join(f'`{c}`' for c in spec.choices)}."
@@ -142,11 +168,13 @@ def values_from_files(specs: Sequence[ParamSpec], paths: Sequence, node_name: st
                     if isinstance(value, dict):
                         stack.append((f"{full}.", value))
                     else:
-                        values[full] = value
+                        values[full] = tuple(value) if isinstance(value, list) else value
     return values
 
 
 def _yaml_scalar(value) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_yaml_scalar(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
