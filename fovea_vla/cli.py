@@ -112,6 +112,34 @@ def _cmd_flow_eval(args) -> int:
     return cmd_flow_eval(args)
 
 
+def _cmd_slip_eval(args) -> int:
+    from fovea_vla.slip_cli import cmd_slip_eval
+
+    return cmd_slip_eval(args)
+
+
+def _add_slip_parser(sub) -> None:
+    """``slip-eval``; backend and preset names are validated by FlowConfig."""
+    slip = sub.add_parser(
+        "slip-eval",
+        help="recall, false alarms and onset delay of the slip detector on generated sequences",
+        description="Half of the sequences slip, half are no-slip controls; all have arm motion, camera "
+        "shake, lighting flicker and sensor noise over a real background.",
+    )
+    slip.add_argument("--sequences", type=int, default=40, help="number of sequences (even: slip, odd: control)")
+    slip.add_argument("--frames", type=int, default=60, help="frames per sequence (>= 20)")
+    slip.add_argument("--backend", default="dis", help="flow backend (scale 1, grid 1): dis, torch, ...")
+    slip.add_argument("--preset", default="slow", help="flow preset (dis slow = medium refined at full resolution)")
+    slip.add_argument("--seed", type=int, default=0, help="seed of the first sequence")
+    slip.add_argument(
+        "--background",
+        default=None,
+        help="image or video for the backgrounds (default: bgslibrary video03 in ../shared/data, "
+        "else a synthetic texture)",
+    )
+    slip.set_defaults(func=_cmd_slip_eval)
+
+
 def _cmd_bench_flow(args) -> int:
     from fovea_vla.bench import common, flow_node
 
@@ -201,6 +229,32 @@ def _add_bench_flow_parser(bench_sub) -> None:
     flow.set_defaults(func=_cmd_bench_flow)
 
 
+def _cmd_track(args) -> int:
+    from fovea_vla.track_cli import cmd_track
+
+    return cmd_track(args)
+
+
+def _add_track_parser(sub) -> None:
+    """``track``; backend and preset names are validated by FlowConfig."""
+    track = sub.add_parser(
+        "track",
+        help="pursue one target from an initial box; OTB precision/success against --gt",
+        description="Starts the fixation at the centre of --init on frame 0 and lets the pipeline's pursuit "
+        "follow it (saccades off). Boxes are OTB x,y,w,h with a 1-based top-left pixel. The fixation and a box "
+        "of the initial size centred on it are scored against --gt.",
+    )
+    track.add_argument("source", help="video file, image folder, or OTB sequence folder (frames in img/)")
+    track.add_argument("--init", default=None, help="initial box x,y,w,h (default: the first --gt box)")
+    track.add_argument("--gt", default=None, help="OTB ground truth: x y w h per line, tab/comma/space separated")
+    track.add_argument("--backend", default="auto", help="flow backend: auto, vpi, nvof, torch or dis")
+    track.add_argument("--preset", default="medium", help="flow preset: ultrafast, fast, medium or slow")
+    track.add_argument("--scale", type=float, default=1.0, help="flow working scale, 0 < scale <= 1")
+    track.add_argument("--fps", type=float, default=30.0, help="frame rate of image folders [Hz]")
+    track.add_argument("--out", default=None, help="write the per-frame trajectory to this CSV file")
+    track.set_defaults(func=_cmd_track)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fovea-vla", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -236,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_flow_parser(bench_sub)
 
     _add_flow_parsers(sub)
+    _add_slip_parser(sub)
+    _add_track_parser(sub)
 
     demo = sub.add_parser("demo", help="run the graph on the synthetic scene and record video + summary")
     demo.add_argument("--duration", type=float, default=20.0, help="recording time [s]")

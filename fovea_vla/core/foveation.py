@@ -11,18 +11,22 @@ around the current fixation. Patches whose centre would fall outside the image a
 (the budget moves to the part of the image that exists), and the few most eccentric surplus
 patches are dropped so the count is exactly the budget (fixed shapes for batching and CUDA graphs).
 
+Several simultaneous fixations (:func:`foveated_layout_multi`) split the budget by importance
+weight; each region has its own rings, and no fovea is sampled by two regions.
+
 Pixel convention: x right, y down, the centre of the top-left pixel is (0, 0).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["FoveatedLayout", "FoveationConfig", "foveated_layout", "make_example"]
+__all__ = ["FoveatedLayout", "FoveationConfig", "foveated_layout", "foveated_layout_multi", "make_example"]
 
 # Candidate values of 1/M0 (footprint growth per pixel of eccentricity), searched per frame.
 _GROWTH_GRID = np.geomspace(0.005, 2.0, 240)
@@ -65,7 +69,7 @@ class FoveationConfig:
 
 @dataclass(frozen=True)
 class FoveatedLayout:
-    """One frame's sampling layout, in a deterministic order (by ring, then angle).
+    """One frame's sampling layout, in a deterministic order (by region, then ring, then angle).
 
     Attributes:
         centers: (N, 2) float32 patch centres [px] (x, y), inside the image.
@@ -77,6 +81,10 @@ class FoveatedLayout:
         e0: e0 [px].
         m0: M0 [patches per px of eccentricity]; M(e) = M0 / (e + e0).
         patch_size: samples per patch side.
+        regions: (N,) int32 index of the fixation each patch belongs to (0 for one fixation).
+        fixations: (K, 2) float32 every fixation [px], ``fixation`` first.
+        weights: (K,) float32 their normalised weights (sum 1).
+        region_m0: (K,) float64 M0 of each region (NaN for a region without tokens).
     """
 
     centers: np.ndarray
@@ -88,6 +96,10 @@ class FoveatedLayout:
     e0: float
     m0: float
     patch_size: int
+    regions: np.ndarray
+    fixations: np.ndarray
+    weights: np.ndarray
+    region_m0: np.ndarray
 
     @property
     def num_tokens(self) -> int:
@@ -151,18 +163,124 @@ def foveated_layout(
         >>> layout.centers.shape, layout.levels.min()
         ((273, 2), np.float32(0.0))
     """
+    return foveated_layout_multi(cfg, width, height, [fixation], [1.0], focal_px=focal_px)
+
+
+def foveated_layout_multi(
+    cfg: FoveationConfig,
+    width: int,
+    height: int,
+    fixations: Sequence[tuple[float, float]] | np.ndarray,
+    weights: Sequence[float] | np.ndarray,
+    *,
+    focal_px: float | None = None,
+) -> FoveatedLayout:
+    """Build one layout for K simultaneous fixations, splitting the token budget by weight.
+
+    Region k gets ``n_k`` tokens, ``n_k`` the largest-remainder rounding of
+    ``cfg.num_tokens * w_k / sum(w)`` (so ``sum(n_k)`` is the budget exactly), laid out on its
+    own cortical-magnification rings around fixation k. Foveas do not get double coverage:
+    every point within e0 of a fixation belongs to the fovea of the highest-weight region (ties:
+    the earlier one) among those whose fovea contains it, and any other region's patch centred
+    there is dropped; the region re-spends those tokens (its M0 is solved with the dropped area
+    excluded). Regions of 0 tokens own no fovea. Peripheries of different regions may overlap.
+
+    Args:
+        cfg: layout parameters (budget, patch size, e0).
+        width: image width [px].
+        height: image height [px].
+        fixations: (K, 2) fixations (x, y) [px], K >= 1, the primary first; clamped into the
+            image.
+        weights: (K,) importance weights >= 0 with a positive sum (normalised here).
+        focal_px: camera focal length [px], used only when ``cfg.e0_deg`` is set.
+
+    Returns:
+        A layout with exactly ``cfg.num_tokens`` patches whose centres lie in the image,
+        ordered by region, then ring, then angle. ``regions`` gives each token's fixation index;
+        ``eccentricity`` and ``rings`` refer to that fixation; ``fixation``, ``m0`` and the
+        magnification are the first region's.
+
+    Raises:
+        ValueError: the image is empty, or fixations and weights do not match or are invalid.
+
+    Example:
+        >>> layout = foveated_layout_multi(FoveationConfig(), 640, 480, [(200, 240), (500, 120)], [0.7, 0.3])
+        >>> layout.num_tokens, np.bincount(layout.regions).tolist()
+        (273, [191, 82])
+    """
     if width < 1 or height < 1:
         raise ValueError(f"image size {width}x{height}: must be at least 1x1")
-    fx = float(np.clip(fixation[0], 0.0, width - 1.0))
-    fy = float(np.clip(fixation[1], 0.0, height - 1.0))
+    points = np.asarray(fixations, dtype=np.float64).reshape(-1, 2)
+    shares = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if len(points) < 1 or len(points) != len(shares):
+        raise ValueError(f"{len(points)} fixations and {len(shares)} weights: need K >= 1 of each")
+    if not (np.isfinite(points).all() and np.isfinite(shares).all() and (shares >= 0).all() and shares.sum() > 0):
+        raise ValueError(f"fixations {points.tolist()} / weights {shares.tolist()}: must be finite, weights >= 0")
+    points = np.clip(points, [0.0, 0.0], [width - 1.0, height - 1.0])
+    shares = shares / shares.sum()
+    counts = _split_budget(cfg.num_tokens, shares)
     e0 = cfg.e0_pixels(width, height, focal_px)
     # Far enough to reach every corner from any fixation, quantised so templates are reused.
     max_radius = float(math.ceil(math.hypot(width, height) / 64.0) * 64.0)
-    budget = cfg.num_tokens
+    # Fovea owners in priority order: weight, then input order; regions without tokens own none.
+    rank = [k for k in sorted(range(len(points)), key=lambda k: (-shares[k], k)) if counts[k] > 0]
+
+    parts, region_ids, m0s = [], [], []
+    for k, (fx, fy) in enumerate(points):
+        if counts[k] == 0:
+            m0s.append(math.nan)
+            continue
+        patches, growth = _solve_region(
+            cfg, width, height, float(fx), float(fy), e0, max_radius, counts[k], rank, k, points
+        )
+        parts.append(np.column_stack([patches[:, 0] + fx, patches[:, 1] + fy, patches[:, 2:]]))
+        region_ids.append(np.full(len(patches), k, np.int32))
+        m0s.append(1.0 / growth)
+    patches = np.concatenate(parts, axis=0)
+    sizes = patches[:, 2].astype(np.float32)
+    return FoveatedLayout(
+        centers=patches[:, :2].astype(np.float32),
+        sizes=sizes,
+        levels=np.maximum(np.log2(sizes / cfg.patch_size), 0.0).astype(np.float32),
+        eccentricity=patches[:, 3].astype(np.float32),
+        rings=patches[:, 4].astype(np.int32),
+        fixation=points[0].astype(np.float32),
+        e0=e0,
+        m0=m0s[0],
+        patch_size=cfg.patch_size,
+        regions=np.concatenate(region_ids),
+        fixations=points.astype(np.float32),
+        weights=shares.astype(np.float32),
+        region_m0=np.asarray(m0s, dtype=np.float64),
+    )
+
+
+def _split_budget(budget: int, shares: np.ndarray) -> list[int]:
+    """Largest-remainder split of ``budget`` tokens by ``shares`` (sum 1); ties go to the earlier.
+
+    >>> _split_budget(273, np.array([0.5, 0.3, 0.2]))
+    [136, 82, 55]
+    """
+    exact = budget * shares
+    counts = np.floor(exact).astype(int)
+    order = sorted(range(len(shares)), key=lambda k: (-(exact[k] - counts[k]), k))
+    for k in order[: budget - int(counts.sum())]:
+        counts[k] += 1
+    return counts.tolist()
+
+
+def _solve_region(cfg, width, height, fx, fy, e0, max_radius, budget, rank, region, points):
+    """Patch offsets (M = budget rows of _ring_template) of one region and its growth 1/M0.
+
+    Finds the largest growth whose allowed patches (centre in the image and not in a fovea that
+    another region owns) still fill the budget, then drops the most eccentric surplus.
+    """
 
     def count(index: int) -> tuple[int, np.ndarray]:
         template = _ring_template(float(_GROWTH_GRID[index]), e0, cfg.patch_size, max_radius)
         keep = _inside(template, fx, fy, width, height)
+        if len(rank) > 1:
+            keep &= _owned_or_free(template[:, 0] + fx, template[:, 1] + fy, e0, rank, region, points)
         return int(keep.sum()), template[keep]
 
     # Counts fall as growth rises: find the largest growth that still fills the budget.
@@ -183,22 +301,16 @@ def foveated_layout(
         patches = np.concatenate([patches] * repeats, axis=0)
     # Drop the most eccentric surplus; stable sort keeps the ring/angle order otherwise.
     order = np.argsort(patches[:, 3], kind="stable")[:budget]
-    patches = patches[np.sort(order)]
-    growth = float(_GROWTH_GRID[lo])
-    centers = np.stack([patches[:, 0] + fx, patches[:, 1] + fy], axis=1).astype(np.float32)
-    sizes = patches[:, 2].astype(np.float32)
-    levels = np.maximum(np.log2(sizes / cfg.patch_size), 0.0).astype(np.float32)
-    return FoveatedLayout(
-        centers=centers,
-        sizes=sizes,
-        levels=levels,
-        eccentricity=patches[:, 3].astype(np.float32),
-        rings=patches[:, 4].astype(np.int32),
-        fixation=np.array([fx, fy], dtype=np.float32),
-        e0=e0,
-        m0=1.0 / growth,
-        patch_size=cfg.patch_size,
-    )
+    return patches[np.sort(order)], float(_GROWTH_GRID[lo])
+
+
+def _owned_or_free(x, y, e0, rank, region, points) -> np.ndarray:
+    """(M,) bool: the points lie in no fovea, or in one whose owner (first of ``rank``) is ``region``."""
+    owner = np.full(x.shape, -1)
+    for k in reversed(rank):
+        inside = (x - points[k, 0]) ** 2 + (y - points[k, 1]) ** 2 < e0 * e0
+        owner[inside] = k
+    return (owner == -1) | (owner == region)
 
 
 def make_example() -> FoveatedLayout:

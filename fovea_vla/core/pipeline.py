@@ -15,7 +15,7 @@ import numpy as np
 from fovea_vla.core.fixation import FixationConfig, FixationController, FixationState
 from fovea_vla.core.flow import FlowConfig, FlowResult, make_flow
 from fovea_vla.core.flow.motion import MotionAnalysis, MotionAnalyzer, MotionConfig
-from fovea_vla.core.foveation import FoveatedLayout, FoveationConfig, foveated_layout
+from fovea_vla.core.foveation import FoveatedLayout, FoveationConfig, foveated_layout, foveated_layout_multi
 from fovea_vla.core.frames import Frame, rgb_to_gray
 from fovea_vla.core.registry import BackendSelection
 from fovea_vla.core.texture import TextureConfig, make_texture
@@ -34,7 +34,8 @@ class PipelineConfig:
             motion, scene cuts).
         texture: texture pyramid backend and device.
         foveation: sampling layout (token budget, e0).
-        fixation: fixation controller.
+        fixation: fixation controller; with ``num_fixations > 1`` the layout splits the token
+            budget over all simultaneous fixations.
     """
 
     flow: FlowConfig = field(default_factory=lambda: FlowConfig(grid=4, preset="ultrafast", scale=0.5))
@@ -53,8 +54,14 @@ class PipelineOutput:
         stamp_ns: capture stamp of the source frame [ns].
         frame_id: camera frame of the source frame.
         width, height: source image size [px].
-        fixation: where the fovea points after this frame.
-        layout: the sampling layout around that fixation.
+        fixation: where the fovea points after this frame (the primary fixation). Its ``x, y``
+            are the published, latency-compensated position; ``filtered_x, filtered_y`` the
+            position at this frame's capture time, around which ``layout`` is built.
+        fixations: every simultaneous fixation, the primary first.
+        weights: their importance weights (sum 1), the layout's token shares.
+        saccade: what triggered a saccade of the primary on this frame (``"schedule"``, ``"cut"``,
+            ``"instruction"``, ``"new_motion"``, ``"idle"``), or None.
+        layout: the sampling layout around those fixations.
         patches: torch.Tensor (N, 3, P, P) float32 in [0, 1] on the texture device.
         rgb: (H, W, 3) uint8 the decoded source frame (not copied).
         flow: flow from the previous frame, or None on the first frame / with flow off.
@@ -68,6 +75,9 @@ class PipelineOutput:
     width: int
     height: int
     fixation: FixationState
+    fixations: list[FixationState]
+    weights: list[float]
+    saccade: str | None
     layout: FoveatedLayout
     patches: object
     rgb: np.ndarray
@@ -90,7 +100,9 @@ class FoveaPipeline:
         self._texture, self.backends["texture"] = make_texture(self.cfg.texture)
         self._fixation: FixationController | None = None
         self._prev_gray: np.ndarray | None = None
-        self._pending_external: tuple[float, float, float | None] | None = None
+        # A fixation request (kind, x, y, hold_s), applied at the next processed frame's time.
+        self._pending_request: tuple[str, float, float, float | None] | None = None
+        self._instruction_changed = False
 
     @property
     def device(self) -> str:
@@ -106,19 +118,35 @@ class FoveaPipeline:
 
     def set_external_fixation(self, x: float, y: float, hold_s: float | None = None) -> None:
         """Override the fixation at (x, y) [px]; applied from the next processed frame's time."""
-        self._pending_external = (x, y, hold_s)
+        self._pending_request = ("external", x, y, hold_s)
+
+    def set_query_fixation(self, x: float, y: float, hold_s: float | None = None) -> None:
+        """Fixate a language query's answer at (x, y) [px] (source QUERY), like an external one."""
+        self._pending_request = ("query", x, y, hold_s)
+
+    def start_pursuit(self, x: float, y: float) -> None:
+        """Pursue what moves at (x, y) [px] from the next processed frame on."""
+        self._pending_request = ("pursuit", x, y, None)
 
     def clear_external_fixation(self) -> None:
-        self._pending_external = None
+        self._pending_request = None
         if self._fixation is not None:
             self._fixation.clear_external()
 
-    def process(self, frame: Frame, *, focal_px: float | None = None) -> PipelineOutput:
+    def notify_instruction_change(self) -> None:
+        """The task instruction changed: the next frame may saccade (``instruction`` event)."""
+        self._instruction_changed = True
+
+    def process(
+        self, frame: Frame, *, focal_px: float | None = None, relevance: np.ndarray | None = None
+    ) -> PipelineOutput:
         """Run every stage on one frame.
 
         Args:
             frame: decoded frame with its capture stamp.
             focal_px: camera focal length [px] when known (for e0 in degrees).
+            relevance: (H', W') float relevance map in [0, 1] over the whole frame (e.g. from
+                the encoder) for the fixation priority map, or None.
         """
         timing: dict[str, float] = {}
         start = time.perf_counter()
@@ -128,7 +156,7 @@ class FoveaPipeline:
             self._fixation = FixationController(self.cfg.fixation, width, height)
             self._prev_gray = None
 
-        flow_result = motion = None
+        flow_result = motion = gray = None
         if self._flow is not None:
             t = time.perf_counter()
             gray = rgb_to_gray(frame.rgb)
@@ -141,27 +169,39 @@ class FoveaPipeline:
                 motion = self._motion.analyze(self._prev_gray, gray, flow_result, self.cfg.flow.grid)
                 timing["motion"] = (time.perf_counter() - t) * 1e3
                 if motion.is_cut:
-                    # Nothing carries over a cut: no temporal hints, no pursued target.
+                    # Nothing carries over a cut: no temporal hints (the controller forgets too).
                     self._flow.reset()
-                    self._fixation.on_scene_cut(now_s)
             self._prev_gray = gray
 
         t = time.perf_counter()
-        if self._pending_external is not None:
-            x, y, hold_s = self._pending_external
-            self._pending_external = None
-            fixation = self._fixation.set_external(x, y, now_s, hold_s)
-            self._fixation.update(None, 1, now_s)
-        elif flow_result is None or motion.is_cut:
-            fixation = self._fixation.update(None, self.cfg.flow.grid, now_s)
-        else:
-            fixation = self._fixation.update(
-                flow_result.flow,
-                self.cfg.flow.grid,
-                now_s,
-                residual=motion.residual,
-                independent=motion.independent_mask,
-            )
+        controller = self._fixation
+        if self._pending_request is not None:
+            kind, x, y, hold_s = self._pending_request
+            self._pending_request = None
+            if kind == "pursuit":
+                controller.start_pursuit(x, y, now_s)
+            elif kind == "query":
+                controller.set_query_target(x, y, now_s, hold_s)
+            else:
+                controller.set_external(x, y, now_s, hold_s)
+        if self._instruction_changed:
+            self._instruction_changed = False
+            controller.notify_instruction_change()
+        cut = motion is not None and motion.is_cut
+        usable = flow_result is not None and not cut
+        controller.update(
+            flow_result.flow if usable else None,
+            self.cfg.flow.grid,
+            now_s,
+            residual=motion.residual if usable else None,
+            independent=motion.independent_mask if usable else None,
+            confidence=flow_result.confidence if usable else None,
+            gray=gray,
+            relevance=relevance,
+            is_cut=cut,
+        )
+        fixation_set = controller.fixations
+        fixation = fixation_set.primary
         timing["fixation"] = (time.perf_counter() - t) * 1e3
 
         t = time.perf_counter()
@@ -169,7 +209,15 @@ class FoveaPipeline:
         timing["pyramid"] = (time.perf_counter() - t) * 1e3
 
         t = time.perf_counter()
-        layout = foveated_layout(self.cfg.foveation, width, height, (fixation.x, fixation.y), focal_px=focal_px)
+        # The layout samples this frame, so it is built around the capture-time positions.
+        if len(fixation_set.fixations) > 1:
+            centres = [(f.filtered_x, f.filtered_y) for f in fixation_set.fixations]
+            layout = foveated_layout_multi(
+                self.cfg.foveation, width, height, centres, fixation_set.weights, focal_px=focal_px
+            )
+        else:
+            centre = (fixation.filtered_x, fixation.filtered_y)
+            layout = foveated_layout(self.cfg.foveation, width, height, centre, focal_px=focal_px)
         timing["layout"] = (time.perf_counter() - t) * 1e3
 
         t = time.perf_counter()
@@ -182,6 +230,9 @@ class FoveaPipeline:
             width=width,
             height=height,
             fixation=fixation,
+            fixations=list(fixation_set.fixations),
+            weights=list(fixation_set.weights),
+            saccade=fixation_set.saccade,
             layout=layout,
             patches=patches,
             rgb=frame.rgb,

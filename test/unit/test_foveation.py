@@ -1,4 +1,5 @@
-"""Foveated sampling layout: budget, cortical-magnification density, borders, determinism."""
+"""Foveated sampling layouts (one and several fixations): budget, cortical-magnification density,
+borders, determinism, and for several fixations weight shares and no double coverage of a fovea."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from fovea_vla.core.foveation import FoveationConfig, foveated_layout
+from fovea_vla.core.foveation import FoveationConfig, foveated_layout, foveated_layout_multi
 
 SIZES = [(640, 480), (1920, 1080), (1280, 720), (360, 240), (97, 61)]
 
@@ -117,3 +118,100 @@ def test_e0_in_degrees_uses_focal_length():
 def test_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"foveation\.{field}="):
         FoveationConfig(**kwargs)
+
+
+# -- several fixations ---------------------------------------------------------------------------
+
+
+def _owner(layout, points):
+    """Index of the highest-weight fixation (ties: the first) whose fovea holds each point, -1 if none."""
+    owner = np.full(len(points), -1)
+    for k in sorted(range(len(layout.weights)), key=lambda k: (-layout.weights[k], k), reverse=True):
+        inside = np.hypot(*(points - layout.fixations[k]).T) < layout.e0
+        owner[inside] = k
+    return owner
+
+
+MULTI_CASES = [
+    ((640, 480), [(160.0, 240.0), (480.0, 240.0)], [0.6, 0.4]),
+    ((640, 480), [(320.0, 240.0), (360.0, 260.0)], [0.5, 0.5]),  # foveas overlap almost entirely
+    ((1280, 720), [(300.0, 200.0), (900.0, 500.0), (640.0, 100.0)], [0.5, 0.3, 0.2]),
+    ((1920, 1080), [(0.0, 0.0), (1919.0, 1079.0), (960.0, 540.0), (400.0, 900.0)], [0.1, 0.2, 0.3, 0.4]),
+    ((360, 240), [(100.0, 120.0), (250.0, 100.0)], [0.7, 0.3]),
+]
+
+
+@pytest.mark.parametrize(("size", "fixations", "weights"), MULTI_CASES)
+@pytest.mark.parametrize("budget", [64, 273, 576])
+def test_multi_exact_budget_and_shares(size, fixations, weights, budget):
+    width, height = size
+    layout = foveated_layout_multi(FoveationConfig(num_tokens=budget), width, height, fixations, weights)
+    assert layout.num_tokens == budget and layout.centers.shape == (budget, 2)
+    assert (layout.centers >= 0).all() and (layout.centers[:, 0] <= width - 1).all()
+    assert (layout.centers[:, 1] <= height - 1).all()
+    counts = np.bincount(layout.regions, minlength=len(weights))
+    shares = counts / budget
+    np.testing.assert_allclose(shares, weights, rtol=0.1, atol=1.0 / budget)
+    np.testing.assert_allclose(layout.weights, weights, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("size", "fixations", "weights"), MULTI_CASES)
+def test_multi_no_double_coverage_of_a_fovea(size, fixations, weights):
+    """Every patch centred in a fovea belongs to that fovea's owner: no lower-weight region
+    samples a higher-weight fovea, and no other region's periphery samples a fovea either."""
+    layout = foveated_layout_multi(FoveationConfig(), *size, fixations, weights)
+    owner = _owner(layout, layout.centers)
+    assert ((owner == -1) | (owner == layout.regions)).all()
+    # In particular, lower-weight regions stay out of higher-weight foveas.
+    for k, j in itertools.permutations(range(len(weights)), 2):
+        if weights[j] > weights[k]:
+            mine = layout.centers[layout.regions == k]
+            assert (np.hypot(*(mine - layout.fixations[j]).T) >= layout.e0).all()
+
+
+def test_multi_respends_dropped_tokens_at_finer_sampling():
+    """A region whose fovea overlaps a stronger one spends the dropped tokens elsewhere: with the
+    same token count it samples finer (larger M0) than it would alone."""
+    cfg = FoveationConfig()
+    layout = foveated_layout_multi(cfg, 640, 480, [(300.0, 240.0), (400.0, 240.0)], [0.5, 0.5])
+    count = int((layout.regions == 1).sum())
+    alone = foveated_layout(FoveationConfig(num_tokens=count), 640, 480, (400.0, 240.0))
+    assert layout.region_m0[1] > alone.m0
+    # Each region follows its own magnification law.
+    for k in range(2):
+        mine = layout.regions == k
+        expected = np.maximum(cfg.patch_size, (layout.eccentricity[mine] + layout.e0) / layout.region_m0[k])
+        np.testing.assert_allclose(layout.sizes[mine], expected, rtol=1e-5)
+        np.testing.assert_allclose(
+            np.hypot(*(layout.centers[mine] - layout.fixations[k]).T), layout.eccentricity[mine], atol=1e-3
+        )
+
+
+def test_multi_deterministic_and_ordered():
+    args = (FoveationConfig(), 1280, 720, [(300.5, 200.25), (900.0, 500.0), (640.0, 100.0)], [0.5, 0.3, 0.2])
+    a, b = foveated_layout_multi(*args), foveated_layout_multi(*args)
+    for name in ("centers", "sizes", "levels", "regions", "rings", "eccentricity"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert (np.diff(a.regions) >= 0).all()
+    for k in range(3):
+        assert (np.diff(a.rings[a.regions == k]) >= 0).all()
+
+
+def test_multi_with_one_fixation_is_the_single_layout():
+    single = foveated_layout(FoveationConfig(), 640, 480, (200.0, 100.0))
+    multi = foveated_layout_multi(FoveationConfig(), 640, 480, [(200.0, 100.0)], [3.0])
+    np.testing.assert_array_equal(single.centers, multi.centers)
+    assert (multi.regions == 0).all() and multi.weights.tolist() == [1.0] and single.m0 == multi.m0
+    # A region with no tokens owns no fovea: the others are laid out as if it were absent.
+    unused = foveated_layout_multi(FoveationConfig(), 640, 480, [(200.0, 100.0), (220.0, 110.0)], [1.0, 0.0])
+    np.testing.assert_array_equal(single.centers, unused.centers)
+    assert np.isnan(unused.region_m0[1])
+
+
+@pytest.mark.parametrize(
+    ("fixations", "weights"),
+    [([], []), ([(1.0, 2.0)], [1.0, 1.0]), ([(1.0, 2.0)], [-1.0]), ([(1.0, 2.0)], [0.0]), ([(np.nan, 2.0)], [1.0])],
+)
+def test_multi_rejects_bad_input(fixations, weights):
+    with pytest.raises(ValueError):
+        foveated_layout_multi(FoveationConfig(), 640, 480, fixations, weights)
