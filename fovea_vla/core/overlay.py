@@ -53,6 +53,7 @@ def draw_overlay(
     *,
     arrow_spacing_px: int = 32,
     label: str | None = None,
+    others: list[FixationState] | tuple = (),
 ) -> np.ndarray:
     """Draw patch footprints, flow arrows and the fixation on a copy of ``rgb``.
 
@@ -63,6 +64,7 @@ def draw_overlay(
         flow: (Hg, Wg, 2) float32 flow [px/frame] to draw as arrows every ``arrow_spacing_px``.
         flow_grid: block side [px] of ``flow``.
         label: text for the top-left corner.
+        others: further simultaneous fixations, drawn as thinner circles of their window.
 
     Returns:
         (H, W, 3) uint8 RGB annotated copy.
@@ -95,6 +97,12 @@ def draw_overlay(
                 # Arrows show 3 frames of motion so slow flow stays visible.
                 end = (round(xs[col] + 3 * u), round(ys[row] + 3 * v))
                 cv2.arrowedLine(canvas, start, end, (255, 60, 200), 1, cv2.LINE_AA, tipLength=0.3)
+    for other in others:
+        other_centre = (round(other.x), round(other.y))
+        cv2.circle(
+            canvas, other_centre, max(2, round(0.6 * other.window_radius)), SOURCE_COLORS[other.source], 1, cv2.LINE_AA
+        )
+        cv2.drawMarker(canvas, other_centre, SOURCE_COLORS[other.source], cv2.MARKER_TILTED_CROSS, 10, 1, cv2.LINE_AA)
     color = SOURCE_COLORS[fixation.source]
     centre = (round(fixation.x), round(fixation.y))
     cv2.circle(canvas, centre, max(2, round(fixation.window_radius)), color, 2, cv2.LINE_AA)

@@ -132,21 +132,74 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec(
         "fixation.motion_threshold_px",
         0.6,
-        "Flow above this after removing camera motion counts as moving [px/frame].",
+        "Residual flow counted as motion when no motion analysis runs [px/frame].",
         range=(0.01, 100.0),
     ),
     ParamSpec(
         "fixation.min_moving_fraction", 0.04, "Share of the window that must move for pursuit.", range=(0.001, 1.0)
     ),
     ParamSpec("fixation.alpha", 0.5, "Position gain of the pursuit alpha-beta filter.", range=(0.01, 1.0)),
-    ParamSpec("fixation.beta", 0.15, "Velocity gain of the pursuit alpha-beta filter.", range=(0.0, 0.99)),
+    ParamSpec("fixation.beta", 0.05, "Velocity gain of the pursuit alpha-beta filter.", range=(0.0, 0.99)),
     ParamSpec(
-        "fixation.acquire_after_s",
-        0.4,
-        "Idle time in the fovea before a saccade to motion elsewhere [s].",
+        "fixation.velocity_gain",
+        0.5,
+        "Weight of the window's measured median flow in the velocity estimate.",
+        range=(0.0, 1.0),
+    ),
+    ParamSpec(
+        "fixation.coast_s", 0.5, "Time pursuit coasts on its prediction through an occlusion [s].", range=(0.0, 10.0)
+    ),
+    ParamSpec(
+        "fixation.latency_s",
+        0.0,
+        "Pipeline latency compensated: the published fixation is predicted this far ahead of the capture time [s].",
+        range=(0.0, 1.0),
+    ),
+    ParamSpec(
+        "fixation.acquire_after_s", 0.4, "Idle time in the fovea before an `idle` saccade [s].", range=(0.0, 60.0)
+    ),
+    ParamSpec(
+        "fixation.saccade_rate_hz",
+        4.0,
+        "Scheduled saccades per second while not pursuing; 0 = only on events.",
+        range=(0.0, 30.0),
+    ),
+    ParamSpec(
+        "fixation.saccade_events",
+        "new_motion,cut,instruction,idle",
+        "Comma-separated events that trigger a saccade (new_motion, cut, instruction, idle; empty = none).",
+    ),
+    ParamSpec(
+        "fixation.min_saccade_interval_s",
+        0.25,
+        "Shortest time from a saccade to an event-triggered saccade [s].",
         range=(0.0, 60.0),
     ),
-    ParamSpec("fixation.min_saccade_interval_s", 0.25, "Shortest time between saccades [s].", range=(0.0, 60.0)),
+    ParamSpec(
+        "fixation.ior_window_s",
+        1.0,
+        "Inhibition of return: a visited target is avoided this long [s].",
+        range=(0.0, 60.0),
+    ),
+    ParamSpec(
+        "fixation.ior_radius_fraction",
+        0.15,
+        "Inhibition-of-return radius as a fraction of the half-diagonal.",
+        range=(0.0, 1.0),
+    ),
+    ParamSpec(
+        "fixation.saliency_weight", 0.5, "Weight of image saliency in the saccade priority map.", range=(0.0, 100.0)
+    ),
+    ParamSpec(
+        "fixation.motion_weight", 1.0, "Weight of independent motion in the saccade priority map.", range=(0.0, 100.0)
+    ),
+    ParamSpec("fixation.num_fixations", 1, "Simultaneous fixations sharing the token budget.", range=(1, 8)),
+    ParamSpec(
+        "fixation.primary_weight",
+        0.5,
+        "Budget share of the primary fixation when num_fixations > 1.",
+        range=(0.05, 1.0),
+    ),
     ParamSpec(
         "fixation.external_hold_s",
         3.0,
@@ -174,6 +227,13 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("markers.show_patches", True, "Draw every foveated patch footprint."),
 )
 
+
+# Fixation parameters that map one to one onto FixationConfig fields.
+_FIXATION_FIELDS = tuple(
+    spec.name.removeprefix("fixation.")
+    for spec in PARAMS
+    if spec.name.startswith("fixation.") and spec.name != "fixation.saccade_events"
+)
 
 _DECISIONS = {
     "static": PipelineStats.DECISION_STATIC,
@@ -219,14 +279,8 @@ def pipeline_config(values: dict) -> PipelineConfig:
                 e0_deg=values["foveation.e0_deg"] or None,
             ),
             fixation=FixationConfig(
-                window_fraction=values["fixation.window_fraction"],
-                motion_threshold_px=values["fixation.motion_threshold_px"],
-                min_moving_fraction=values["fixation.min_moving_fraction"],
-                alpha=values["fixation.alpha"],
-                beta=values["fixation.beta"],
-                acquire_after_s=values["fixation.acquire_after_s"],
-                min_saccade_interval_s=values["fixation.min_saccade_interval_s"],
-                external_hold_s=values["fixation.external_hold_s"],
+                **{name: values[f"fixation.{name}"] for name in _FIXATION_FIELDS},
+                saccade_events=tuple(e.strip() for e in values["fixation.saccade_events"].split(",") if e.strip()),
             ),
         )
     except ValueError as exc:
@@ -257,6 +311,7 @@ class FoveaNode(Node):
             lifetime_s=p["markers.lifetime_s"],
             flow_spacing_px=p["markers.flow_spacing_px"],
             show_patches=p["markers.show_patches"],
+            max_fixations=p["fixation.num_fixations"],
         )
         self.latency = LatencyTracker()
         self.drops = DropCounter()
@@ -374,6 +429,8 @@ class FoveaNode(Node):
         self._set_instruction(msg.data)
 
     def _set_instruction(self, text: str) -> None:
+        if text != self.instruction:
+            self.pipeline.notify_instruction_change()
         self.instruction = text
         self.get_logger().info(f"instruction: {text!r}")
 
@@ -410,6 +467,7 @@ class FoveaNode(Node):
             output.flow_grid,
             arrow_spacing_px=p["markers.flow_spacing_px"],
             label=label,
+            others=output.fixations[1:],
         )
         max_width = p["debug_image.max_width"]
         if max_width and canvas.shape[1] > max_width:

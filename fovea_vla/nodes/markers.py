@@ -9,6 +9,7 @@ next frame; lifetimes make them vanish when the node stops publishing.
 from __future__ import annotations
 
 import math
+from collections import deque
 
 from builtin_interfaces.msg import Duration
 from geometry_msgs.msg import Point, Pose, Quaternion, Vector3
@@ -22,7 +23,7 @@ from fovea_vla.nodes.messages import CameraModel
 
 __all__ = ["MARKER_NAMESPACES", "MarkerBuilder", "delete_all"]
 
-MARKER_NAMESPACES = ("fixation", "fovea", "window", "velocity", "flow", "patches", "label")
+MARKER_NAMESPACES = ("fixation", "fovea", "window", "velocity", "flow", "patches", "label", "saccades")
 _IDENTITY = Quaternion(x=0.0, y=0.0, z=0.0, w=1.0)
 
 
@@ -44,6 +45,8 @@ class MarkerBuilder:
         lifetime_s: marker lifetime [s]; 0 keeps them until replaced.
         flow_spacing_px: spacing of flow arrows [px].
         show_patches: draw every patch footprint.
+        max_fixations: fixations drawn (ids 0..max_fixations-1 always exist, unused ones deleted).
+        saccade_trail: how many recent saccade targets the fading trail shows.
     """
 
     def __init__(
@@ -54,12 +57,16 @@ class MarkerBuilder:
         lifetime_s: float = 0.5,
         flow_spacing_px: int = 48,
         show_patches: bool = True,
+        max_fixations: int = 1,
+        saccade_trail: int = 8,
     ):
         self.camera = camera
         self.depth_m = depth_m
         self.lifetime = Duration(sec=int(lifetime_s), nanosec=int((lifetime_s % 1.0) * 1e9))
         self.flow_spacing_px = flow_spacing_px
         self.show_patches = show_patches
+        self.max_fixations = max_fixations
+        self._trail: deque[tuple[float, float]] = deque(maxlen=saccade_trail)
 
     def _point(self, x: float, y: float, out: PipelineOutput, depth: float | None = None) -> Point:
         px, py, pz = self.camera.unproject(x, y, out.width, out.height, depth or self.depth_m)
@@ -103,16 +110,31 @@ class MarkerBuilder:
         color = SOURCE_COLORS[fix.source]
         markers = []
 
-        sphere_px = 6.0 + 10.0 * fix.confidence
-        sphere = self._marker(
-            header,
-            "fixation",
-            Marker.SPHERE,
-            Vector3(x=sphere_px * mpp, y=sphere_px * mpp, z=sphere_px * mpp),
-            _rgba(color),
-        )
-        sphere.pose = Pose(position=self._point(fix.x, fix.y, out), orientation=_IDENTITY)
-        markers.append(sphere)
+        # One sphere per fixation, sized by its share of the token budget; stable ids.
+        for index in range(self.max_fixations):
+            sphere = self._marker(header, "fixation", Marker.SPHERE, Vector3(), _rgba(color))
+            sphere.id = index
+            if index < len(out.fixations):
+                state, weight = out.fixations[index], float(out.weights[index])
+                size = (6.0 + 20.0 * weight) * mpp
+                sphere.scale = Vector3(x=size, y=size, z=size)
+                sphere.color = _rgba(SOURCE_COLORS[state.source], 1.0 if index == 0 else 0.6)
+                sphere.pose = Pose(position=self._point(state.x, state.y, out), orientation=_IDENTITY)
+            else:
+                sphere.action = Marker.DELETE
+            markers.append(sphere)
+
+        if out.saccade is not None:
+            self._trail.append((fix.x, fix.y))
+        trail = self._marker(header, "saccades", Marker.LINE_STRIP, Vector3(x=1.5 * mpp), _rgba((255, 170, 0)))
+        for age, (x, y) in enumerate(reversed(self._trail)):
+            trail.points.insert(0, self._point(x, y, out))
+            # Older targets fade out.
+            trail.colors.insert(0, _rgba((255, 170, 0), max(0.15, 1.0 - age / max(len(self._trail), 1))))
+        if len(trail.points) < 2:
+            trail.action = Marker.DELETE
+            trail.points, trail.colors = [], []
+        markers.append(trail)
 
         fovea = out.layout
         markers.append(

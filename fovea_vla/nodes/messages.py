@@ -130,5 +130,6 @@ def fixation_msg(
 
 
 def fixation_array_msg(output: PipelineOutput, header: Header, focal_px: float | None = None) -> FixationArray:
-    fixations = [fixation_msg(output.fixation, output, header, focal_px)]
-    return FixationArray(header=header, fixations=fixations, weights=[1.0])
+    """Every fixation of the frame with its share of the token budget (the primary first)."""
+    fixations = [fixation_msg(state, output, header, focal_px) for state in output.fixations]
+    return FixationArray(header=header, fixations=fixations, weights=[float(w) for w in output.weights])
