@@ -18,6 +18,8 @@ from fovea_vla.core.flow.motion import MotionAnalysis, MotionAnalyzer, MotionCon
 from fovea_vla.core.foveation import FoveatedLayout, FoveationConfig, foveated_layout, foveated_layout_multi
 from fovea_vla.core.frames import Frame, rgb_to_gray
 from fovea_vla.core.registry import BackendSelection
+from fovea_vla.core.slip import SlipEvent
+from fovea_vla.core.slip_stage import Grasp, SlipStage, SlipStageConfig
 from fovea_vla.core.texture import TextureConfig, make_texture
 
 __all__ = ["FoveaPipeline", "PipelineConfig", "PipelineOutput", "make_example"]
@@ -36,6 +38,8 @@ class PipelineConfig:
         foveation: sampling layout (token budget, e0).
         fixation: fixation controller; with ``num_fixations > 1`` the layout splits the token
             budget over all simultaneous fixations.
+        slip: grasp-slip stage (its own full-resolution flow on a crop around the grasp), or
+            None for off.
     """
 
     flow: FlowConfig = field(default_factory=lambda: FlowConfig(grid=4, preset="ultrafast", scale=0.5))
@@ -44,6 +48,13 @@ class PipelineConfig:
     texture: TextureConfig = field(default_factory=TextureConfig)
     foveation: FoveationConfig = field(default_factory=FoveationConfig)
     fixation: FixationConfig = field(default_factory=FixationConfig)
+    slip: SlipStageConfig | None = None
+
+    def __post_init__(self):
+        if self.motion.tile_size % self.flow.grid:
+            raise ValueError(
+                f"motion.tile_size={self.motion.tile_size}: must be a multiple of flow.grid={self.flow.grid}"
+            )
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,7 @@ class PipelineOutput:
         motion: motion analysis of that flow, or None when there is no flow.
         flow_grid: block side [px] of ``flow``.
         timing_ms: per-stage wall time [ms], including "total".
+        slip: the slip stage's event for this frame (onset / ongoing / cleared), or None.
     """
 
     stamp_ns: int
@@ -85,6 +97,7 @@ class PipelineOutput:
     motion: MotionAnalysis | None
     flow_grid: int
     timing_ms: dict[str, float]
+    slip: SlipEvent | None = None
 
 
 class FoveaPipeline:
@@ -97,6 +110,10 @@ class FoveaPipeline:
         if self.cfg.flow_enabled:
             self._flow, self.backends["flow"] = make_flow(self.cfg.flow)
         self._motion = MotionAnalyzer(self.cfg.motion)
+        self._slip = None
+        if self.cfg.slip is not None:
+            self._slip = SlipStage(self.cfg.slip)
+            self.backends["slip_flow"] = self._slip.backend
         self._texture, self.backends["texture"] = make_texture(self.cfg.texture)
         self._fixation: FixationController | None = None
         self._prev_gray: np.ndarray | None = None
@@ -115,6 +132,8 @@ class FoveaPipeline:
         self._motion.reset()
         if self._flow is not None:
             self._flow.reset()
+        if self._slip is not None:
+            self._slip.reset()
 
     def set_external_fixation(self, x: float, y: float, hold_s: float | None = None) -> None:
         """Override the fixation at (x, y) [px]; applied from the next processed frame's time."""
@@ -138,7 +157,12 @@ class FoveaPipeline:
         self._instruction_changed = True
 
     def process(
-        self, frame: Frame, *, focal_px: float | None = None, relevance: np.ndarray | None = None
+        self,
+        frame: Frame,
+        *,
+        focal_px: float | None = None,
+        relevance: np.ndarray | None = None,
+        grasp: Grasp | None = None,
     ) -> PipelineOutput:
         """Run every stage on one frame.
 
@@ -147,6 +171,7 @@ class FoveaPipeline:
             focal_px: camera focal length [px] when known (for e0 in degrees).
             relevance: (H', W') float relevance map in [0, 1] over the whole frame (e.g. from
                 the encoder) for the fixation priority map, or None.
+            grasp: gripper and held-object regions and gripper state, for the slip stage.
         """
         timing: dict[str, float] = {}
         start = time.perf_counter()
@@ -156,11 +181,12 @@ class FoveaPipeline:
             self._fixation = FixationController(self.cfg.fixation, width, height)
             self._prev_gray = None
 
-        flow_result = motion = gray = None
-        if self._flow is not None:
+        flow_result = motion = gray = slip = None
+        prev_gray = self._prev_gray
+        if self._flow is not None or self._slip is not None:
             t = time.perf_counter()
             gray = rgb_to_gray(frame.rgb)
-            if self._prev_gray is not None:
+            if self._flow is not None and prev_gray is not None:
                 flow_result = self._flow.compute(self._prev_gray, gray)
                 if flow_result.device_ms is not None:
                     timing["flow_gpu"] = flow_result.device_ms
@@ -172,6 +198,13 @@ class FoveaPipeline:
                     # Nothing carries over a cut: no temporal hints (the controller forgets too).
                     self._flow.reset()
             self._prev_gray = gray
+        if self._slip is not None and grasp is not None and prev_gray is not None:
+            if motion is not None and motion.is_cut:
+                self._slip.reset()
+            else:
+                ego = None if motion is None else motion.ego_motion
+                slip = self._slip.update(prev_gray, gray, grasp, now_s, ego)
+                timing.update(self._slip.timing_ms)
 
         t = time.perf_counter()
         controller = self._fixation
@@ -233,6 +266,7 @@ class FoveaPipeline:
             fixations=list(fixation_set.fixations),
             weights=list(fixation_set.weights),
             saccade=fixation_set.saccade,
+            slip=slip,
             layout=layout,
             patches=patches,
             rgb=frame.rgb,

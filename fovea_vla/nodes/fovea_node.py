@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 from geometry_msgs.msg import PointStamped
 from rclpy.node import Node
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image
-from std_msgs.msg import Header, String
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, JointState
+from std_msgs.msg import Bool, Header, String
 from visualization_msgs.msg import MarkerArray
 
 from fovea_vla.core.fixation import FixationConfig
@@ -27,6 +27,8 @@ from fovea_vla.core.foveation import FoveationConfig
 from fovea_vla.core.frames import FrameError
 from fovea_vla.core.overlay import draw_overlay
 from fovea_vla.core.pipeline import FoveaPipeline, PipelineConfig, PipelineOutput
+from fovea_vla.core.slip import SlipConfig, project_box
+from fovea_vla.core.slip_stage import Grasp, SlipStageConfig
 from fovea_vla.core.stats import DropCounter, LatencyTracker, RateMeter
 from fovea_vla.core.texture import TextureConfig
 from fovea_vla.nodes import qos
@@ -39,10 +41,19 @@ from fovea_vla.nodes.messages import (
     frame_from_image,
     image_msg,
     ns_to_stamp,
+    slip_msg,
 )
 from fovea_vla.nodes.params import ParamSpec, declare_all
 from fovea_vla.nodes.runner import run_node
-from fovea_vla_msgs.msg import BackendChoice, DropCount, Fixation, FixationArray, PipelineStats, StageLatency
+from fovea_vla_msgs.msg import (
+    BackendChoice,
+    DropCount,
+    Fixation,
+    FixationArray,
+    PipelineStats,
+    SlipEvent,
+    StageLatency,
+)
 from fovea_vla_msgs.srv import SetFixation, SetInstruction
 
 PARAMS: tuple[ParamSpec, ...] = (
@@ -206,6 +217,56 @@ PARAMS: tuple[ParamSpec, ...] = (
         "Hold time of set_fixation / clicked_point requests without their own [s].",
         range=(0.01, 3600.0),
     ),
+    ParamSpec("slip.enabled", False, "Run grasp-slip detection (needs the regions and a gripper state)."),
+    ParamSpec(
+        "slip.gripper_region",
+        (0, 0, 0, 0),
+        "Gripper rectangle x, y, w, h in the image [px]; all 0 = use slip.gripper_box_m.",
+        range=(0, 65535),
+    ),
+    ParamSpec(
+        "slip.object_region",
+        (0, 0, 0, 0),
+        "Held-object rectangle x, y, w, h in the image [px]; all 0 = use slip.object_box_m.",
+        range=(0, 65535),
+    ),
+    ParamSpec(
+        "slip.gripper_box_m",
+        (0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+        "Gripper box in the camera optical frame: centre x, y, z and size x, y, z [m], projected with camera_info.",
+        range=(-100.0, 100.0),
+    ),
+    ParamSpec(
+        "slip.object_box_m",
+        (0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+        "Held-object box in the camera optical frame: centre x, y, z and size x, y, z [m], projected with camera_info.",
+        range=(-100.0, 100.0),
+    ),
+    ParamSpec(
+        "slip.gripper_joint",
+        "",
+        "JointState joint whose position tells the gripper state (topic "
+        "gripper_joint_states); empty = only the Bool topic gripper_closed.",
+    ),
+    ParamSpec(
+        "slip.closed_above",
+        0.02,
+        "The gripper counts as closed when the joint position exceeds this.",
+        range=(-1000.0, 1000.0),
+    ),
+    ParamSpec(
+        "slip.onset_threshold_px", 0.2, "Relative object motion that counts as slip [px/frame].", range=(0.01, 100.0)
+    ),
+    ParamSpec("slip.k_frames", 2, "Consecutive slipping frames before an onset event.", range=(1, 100)),
+    ParamSpec(
+        "slip.flow_backend",
+        "dis",
+        "Flow backend of the slip stage (dense, full resolution, on a crop).",
+        choices=("auto", "vpi", "nvof", "torch", "dis"),
+    ),
+    ParamSpec(
+        "slip.flow_preset", "slow", "Flow preset of the slip stage.", choices=("ultrafast", "fast", "medium", "slow")
+    ),
     ParamSpec("debug_image.enabled", True, "Publish `debug_image` (the frame with overlays)."),
     ParamSpec(
         "debug_image.max_rate_hz",
@@ -278,6 +339,18 @@ def pipeline_config(values: dict) -> PipelineConfig:
                 e0_fraction=values["foveation.e0_fraction"],
                 e0_deg=values["foveation.e0_deg"] or None,
             ),
+            slip=None
+            if not values["slip.enabled"]
+            else SlipStageConfig(
+                detector=SlipConfig(
+                    onset_threshold_px=values["slip.onset_threshold_px"],
+                    clear_threshold_px=0.5 * values["slip.onset_threshold_px"],
+                    k_frames=values["slip.k_frames"],
+                ),
+                flow=FlowConfig(
+                    backend=values["slip.flow_backend"], preset=values["slip.flow_preset"], grid=1, scale=1.0
+                ),
+            ),
             fixation=FixationConfig(
                 **{name: values[f"fixation.{name}"] for name in _FIXATION_FIELDS},
                 saccade_events=tuple(e.strip() for e in values["fixation.saccade_events"].split(",") if e.strip()),
@@ -330,6 +403,12 @@ class FoveaNode(Node):
         self.create_subscription(CameraInfo, "camera_info", self.camera.update, sensor_qos)
         self.create_subscription(PointStamped, "clicked_point", self._on_clicked_point, qos.outputs())
         self.create_subscription(String, "instruction", self._on_instruction, qos.outputs())
+        self.gripper_closed = False
+        if p["slip.enabled"]:
+            self.create_subscription(
+                JointState, "gripper_joint_states", self._on_joint_states, qos.sensor("best_effort", 5)
+            )
+            self.create_subscription(Bool, "gripper_closed", self._on_gripper_closed, qos.outputs())
 
         out = qos.outputs()
         self.pub_fixation = self.create_publisher(Fixation, "fixation", out)
@@ -337,6 +416,7 @@ class FoveaNode(Node):
         self.pub_markers = self.create_publisher(MarkerArray, "markers", out)
         self.pub_debug = self.create_publisher(Image, "debug_image", qos.sensor("reliable", 2))
         self.pub_stats = self.create_publisher(PipelineStats, "stats", out)
+        self.pub_slip = self.create_publisher(SlipEvent, "slip", out)
         self.create_service(SetFixation, "set_fixation", self._on_set_fixation)
         self.create_service(SetInstruction, "set_instruction", self._on_set_instruction)
         self._last_size: tuple[int, int] | None = None
@@ -372,7 +452,9 @@ class FoveaNode(Node):
             frame = type(frame)(rgb=frame.rgb, stamp_ns=frame.stamp_ns, frame_id="camera")
         fx = self.camera.intrinsics(frame.rgb.shape[1], frame.rgb.shape[0])[0] if self.camera.known else None
         try:
-            output = self.pipeline.process(frame, focal_px=fx)
+            output = self.pipeline.process(
+                frame, focal_px=fx, grasp=self._grasp(frame.rgb.shape[1], frame.rgb.shape[0])
+            )
         except Exception as exc:  # a backend failure on one frame must not take the node down
             self._drop("pipeline_error", f"{type(exc).__name__}: {exc}")
             return
@@ -420,6 +502,40 @@ class FoveaNode(Node):
             return
         self.pipeline.set_external_fixation(*pixel)
 
+    def _on_joint_states(self, msg: JointState) -> None:
+        joint = self.params["slip.gripper_joint"]
+        if joint and joint in msg.name:
+            position = msg.position[list(msg.name).index(joint)] if len(msg.position) == len(msg.name) else None
+            if position is not None and np.isfinite(position):
+                self.gripper_closed = bool(position > self.params["slip.closed_above"])
+
+    def _on_gripper_closed(self, msg: Bool) -> None:
+        self.gripper_closed = bool(msg.data)
+
+    def _region(self, rect_param: str, box_param: str, width: int, height: int):
+        """An image rectangle from its parameter, or from the 3-D box projected with camera_info."""
+        rect = self.params[rect_param]
+        if any(rect):
+            return tuple(float(v) for v in rect)
+        box = np.asarray(self.params[box_param], dtype=np.float64)
+        if not box[3:].any():
+            return None
+        fx, fy, cx, cy = self.camera.intrinsics(width, height)
+        corners = box[:3] + 0.5 * box[3:] * np.array(
+            [[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)]
+        )
+        projected = project_box(corners, np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]]), (width, height))
+        return None if projected is None else tuple(float(v) for v in projected)
+
+    def _grasp(self, width: int, height: int) -> Grasp | None:
+        if not self.params["slip.enabled"]:
+            return None
+        gripper = self._region("slip.gripper_region", "slip.gripper_box_m", width, height)
+        held = self._region("slip.object_region", "slip.object_box_m", width, height)
+        if gripper is None or held is None:
+            return None
+        return Grasp(gripper_regions=(gripper,), object_region=held, closed=self.gripper_closed)
+
     def _on_set_instruction(self, request: SetInstruction.Request, response: SetInstruction.Response):
         self._set_instruction(request.instruction)
         response.success, response.message = True, "instruction set"
@@ -447,6 +563,8 @@ class FoveaNode(Node):
         self.pub_markers.publish(self.markers.build(output, header))
         self._publish_debug(output, header)
         self.pub_stats.publish(self._stats(output, header, age_ms))
+        if output.slip is not None:
+            self.pub_slip.publish(slip_msg(output.slip, header))
 
     def _publish_debug(self, output: PipelineOutput, header: Header) -> None:
         p = self.params

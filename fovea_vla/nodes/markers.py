@@ -23,7 +23,7 @@ from fovea_vla.nodes.messages import CameraModel
 
 __all__ = ["MARKER_NAMESPACES", "MarkerBuilder", "delete_all"]
 
-MARKER_NAMESPACES = ("fixation", "fovea", "window", "velocity", "flow", "patches", "label", "saccades")
+MARKER_NAMESPACES = ("fixation", "fovea", "window", "velocity", "flow", "patches", "label", "saccades", "slip")
 _IDENTITY = Quaternion(x=0.0, y=0.0, z=0.0, w=1.0)
 
 
@@ -198,8 +198,32 @@ class MarkerBuilder:
                     patches.colors += [level_rgba, level_rgba]
             markers.append(patches)
 
+        markers += self._slip_markers(out, header, mpp)
+
         label = self._marker(header, "label", Marker.TEXT_VIEW_FACING, Vector3(z=14.0 * mpp), _rgba((255, 255, 255)))
         label.pose = Pose(position=self._point(fix.x, fix.y - fix.window_radius - 12.0, out), orientation=_IDENTITY)
         label.text = f"{fix.source.name.lower()} {fix.confidence:.2f}"
         markers.append(label)
         return MarkerArray(markers=markers)
+
+    def _slip_markers(self, out: PipelineOutput, header: Header, mpp: float) -> list[Marker]:
+        """Slip text (id 0) and arrow (id 1) at the held object while it slips; deleted otherwise."""
+        red = _rgba((255, 40, 40))
+        text = self._marker(header, "slip", Marker.TEXT_VIEW_FACING, Vector3(z=16.0 * mpp), red)
+        arrow = self._marker(header, "slip", Marker.ARROW, Vector3(x=3.0 * mpp, y=8.0 * mpp, z=8.0 * mpp), red)
+        arrow.id = 1
+        event = out.slip
+        if event is None or event.state.name == "CLEARED":
+            text.action = arrow.action = Marker.DELETE
+            return [text, arrow]
+        x, y, w, h = event.region
+        cx, cy = x + 0.5 * w, y + 0.5 * h
+        text.pose = Pose(position=self._point(cx, y - 10.0, out), orientation=_IDENTITY)
+        text.text = f"SLIP {event.magnitude:.2f} px/frame"
+        # The arrow shows 30 frames of the slip so sub-pixel motion is visible.
+        length = 30.0 * event.magnitude
+        arrow.points = [
+            self._point(cx, cy, out),
+            self._point(cx + length * event.direction[0], cy + length * event.direction[1], out),
+        ]
+        return [text, arrow]

@@ -6,13 +6,14 @@ import math
 
 import numpy as np
 from builtin_interfaces.msg import Time
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, RegionOfInterest
 from std_msgs.msg import Header
 
 from fovea_vla.core.fixation import FixationState
 from fovea_vla.core.frames import Frame, compressed_to_rgb, image_to_rgb, rgb_to_image_fields
 from fovea_vla.core.pipeline import PipelineOutput
-from fovea_vla_msgs.msg import Fixation, FixationArray
+from fovea_vla.core.slip import SlipEvent as CoreSlipEvent
+from fovea_vla_msgs.msg import Fixation, FixationArray, SlipEvent
 
 __all__ = [
     "CameraModel",
@@ -133,3 +134,17 @@ def fixation_array_msg(output: PipelineOutput, header: Header, focal_px: float |
     """Every fixation of the frame with its share of the token budget (the primary first)."""
     fixations = [fixation_msg(state, output, header, focal_px) for state in output.fixations]
     return FixationArray(header=header, fixations=fixations, weights=[float(w) for w in output.weights])
+
+
+def slip_msg(event: CoreSlipEvent, header: Header) -> SlipEvent:
+    """fovea_vla_msgs/SlipEvent from the core event (same state values)."""
+    x, y, w, h = (int(v) for v in event.region)
+    return SlipEvent(
+        header=header,
+        state=int(event.state),
+        magnitude=float(event.magnitude),
+        direction_x=float(event.direction[0]),
+        direction_y=float(event.direction[1]),
+        region=RegionOfInterest(x_offset=x, y_offset=y, width=w, height=h),
+        confidence=float(event.confidence),
+    )

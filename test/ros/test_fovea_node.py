@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from geometry_msgs.msg import PointStamped
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
@@ -284,3 +285,44 @@ def test_launcher_module_is_runnable_without_ros_launch():
     """`fovea-vla launch --help` works where launch_ros is absent (PyPI installs)."""
     result = subprocess.run([sys.executable, "-m", "fovea_vla.cli", "launch", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "config:=" in result.stdout
+
+
+def test_slip_events_over_ros_carry_the_frame_stamp(ros_probe, tmp_path):
+    """A generated grasp that slips: fovea_node with slip on publishes ONSET stamped with a sent frame."""
+    from std_msgs.msg import Bool
+
+    from fovea_vla.core.slip_sequences import SlipSequenceConfig, make_sequence, synthetic_background
+    from fovea_vla_msgs.msg import SlipEvent
+
+    sequence = make_sequence(
+        synthetic_background(),
+        SlipSequenceConfig(frames=34, arm_speed_px=0.0, shake_px=0.0, slip_speed_px=(0.8, 1.0), seed=5),
+    )
+    gripper = [round(v) for v in sequence.gripper_regions[0].min(axis=0)[:2]]
+    far = sequence.gripper_regions[0][:, :2] + sequence.gripper_regions[0][:, 2:]
+    gripper += [round(v) for v in far.max(axis=0) - np.array(gripper)]
+    params = {
+        **TEST_NODE_PARAMS,
+        "slip.enabled": True,
+        "slip.gripper_region": gripper,
+        "slip.object_region": [round(v) for v in sequence.object_region[0]],
+    }
+    processes, publisher, outputs = start_fovea_node(ros_probe, "slip", params, Image, "image", tmp_path)
+    events: list[SlipEvent] = []
+    ros_probe.node.create_subscription(SlipEvent, "/slip/slip", events.append, qos.outputs(50))
+    closed = ros_probe.node.create_publisher(Bool, "/slip/gripper_closed", qos.outputs())
+    ros_probe.wait_for(lambda: closed.get_subscription_count() > 0, STARTUP_S, "gripper_closed subscriber", processes)
+    closed.publish(Bool(data=True))
+    stamps = []
+    try:
+        for gray in sequence.frames:
+            msg = image_msg(np.dstack([gray] * 3), header(ros_probe), "mono8")
+            stamps.append(stamp_to_ns(msg.header.stamp))
+            send_and_wait(ros_probe, publisher, outputs, msg, "frame of the slip sequence", processes)
+        ros_probe.wait_for(lambda: any(e.state == SlipEvent.STATE_ONSET for e in events), 10.0, "slip onset", processes)
+    finally:
+        assert processes.stop() == {"fovea_node": 0}
+    onset = next(e for e in events if e.state == SlipEvent.STATE_ONSET)
+    index = stamps.index(stamp_to_ns(onset.header.stamp))
+    assert sequence.onset <= index <= sequence.onset + 3, (index, sequence.onset)
+    assert onset.header.frame_id == FRAME_ID and onset.magnitude > 0.2
