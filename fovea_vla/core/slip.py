@@ -40,7 +40,7 @@ flow refined at full resolution: ``grid`` 1, ``scale`` 1, on a crop around the g
 (:func:`slip_crop`) with ``cur`` brightness-matched to ``prev`` (:func:`match_brightness`).
 Measured on the generated sequences of :mod:`fovea_vla.core.slip_sequences` (320x240, arm
 motion, shake, flicker; 99th percentile of ``|relative|`` on a still grasp): DIS ``slow``
-(medium refined down to full resolution) 0.09 px/frame, ``torch`` ``medium`` 0.11 px/frame, but
+(medium refined down to full resolution) 0.09 px/frame, ``torch`` ``medium`` 0.13 px/frame, but
 DIS ``medium`` 0.29 px/frame: it stops refining at half resolution, so the 16-18 px gripper
 parts take up part of the background's motion. The 0.2 px/frame default onset threshold rests
 on the first two; ``fovea-vla slip-eval`` measures any backend.

@@ -25,6 +25,7 @@ from fovea_vla.core.flow import FlowConfig, FlowResult, make_flow
 from fovea_vla.core.flow.motion import MotionAnalyzer
 from fovea_vla.core.slip import SlipConfig, SlipDetector, SlipState, make_example, project_box
 from fovea_vla.core.slip_sequences import SlipSequenceConfig, make_sequence, make_sequences
+from fovea_vla.core.slip_stage import SlipStage
 from fovea_vla.slip_cli import evaluate, load_backgrounds, run_sequence
 
 VIDEO03 = "bgslibrary/dataset/video03.avi"  # static roadside camera, 320x240
@@ -43,11 +44,6 @@ QUIET = {
 def backgrounds(shared_data) -> list[np.ndarray]:
     frames, _ = load_backgrounds(shared_data / VIDEO03)
     return frames
-
-
-@pytest.fixture(scope="module")
-def flow():
-    return make_flow(FlowConfig(backend="dis", preset="slow", scale=1.0, grid=1))[0]
 
 
 def test_doctests():
@@ -304,7 +300,7 @@ def test_control_differs_from_slip_only_by_the_slip(backgrounds):
     np.testing.assert_array_equal(slip.gripper_regions, control.gripper_regions)
 
 
-def test_determinism(backgrounds, flow):
+def test_determinism(backgrounds):
     cfg = SlipSequenceConfig(frames=24, seed=11)
     first, second = make_sequence(backgrounds[2], cfg), make_sequence(backgrounds[2], cfg)
     np.testing.assert_array_equal(first.frames, second.frames)
@@ -312,7 +308,7 @@ def test_determinism(backgrounds, flow):
     assert not np.array_equal(first.frames, make_sequence(backgrounds[2], replace(cfg, seed=12)).frames)
     runs = []
     for _ in range(2):
-        result = run_sequence(first, SlipDetector(), flow)
+        result = run_sequence(first, SlipStage())
         runs.append((result.onsets, result.clears, result.background_magnitudes))
     assert runs[0] == runs[1]
 
@@ -320,7 +316,7 @@ def test_determinism(backgrounds, flow):
 # --- detection on rendered sequences -----------------------------------------------------------
 
 
-def test_flicker_does_not_trigger(backgrounds, flow):
+def test_flicker_does_not_trigger(backgrounds):
     # Strong global and local flicker on a still grasp: brightness changes, nothing slips.
     cfg = SlipSequenceConfig(frames=40, slip=False, **{**QUIET, "noise_std": 2.0})
     cfg = replace(cfg, flicker_global=(0.2, 0.3), flicker_local=(0.2, 0.3))
@@ -328,18 +324,18 @@ def test_flicker_does_not_trigger(backgrounds, flow):
         seq = make_sequence(backgrounds[seed], replace(cfg, seed=seed))
         means = seq.frames.reshape(len(seq.frames), -1).mean(axis=1)
         assert means.max() / means.min() > 1.2
-        result = run_sequence(seq, SlipDetector(), flow)
+        result = run_sequence(seq, SlipStage())
         assert result.onsets == []
         # Measured: at most 0.062 px/frame (0.075 without match_brightness before the flow).
         assert max(result.background_magnitudes) < SlipConfig().onset_threshold_px
 
 
-def test_sub_pixel_slip_is_detected(backgrounds, flow):
+def test_sub_pixel_slip_is_detected(backgrounds):
     # The slowest slips of the acceptance range, 0.3 px/frame, with every nuisance on.
     cfg = SlipSequenceConfig(frames=40, slip_speed_px=(0.3, 0.3), slip_ramp_frames=(2, 2))
     for seed in range(4):
         seq = make_sequence(backgrounds[seed], replace(cfg, seed=seed))
-        result = run_sequence(seq, SlipDetector(), flow)
+        result = run_sequence(seq, SlipStage())
         assert len(result.onsets) == 1
         assert 0 <= result.onsets[0] - seq.onset <= 2
 
@@ -383,12 +379,13 @@ def test_ego_motion_compensation_cancels_camera_rotation(backgrounds):
 def test_acceptance(backgrounds):
     """Recall >= 0.95, <= 1 false alarm per 1000 frames, median onset delay <= 2 frames.
 
-    30 sequences of 60 frames (15 slip, 15 control, 1770 frame pairs) with arm motion, camera
-    shake, flicker and noise; about 30 s here. ``fovea-vla slip-eval --sequences 200`` runs the
-    larger version (numbers in the module docstring of fovea_vla.slip_cli).
+    40 sequences of 60 frames (20 slip, 20 control, 2360 frame pairs) with arm motion, camera
+    shake, flicker and noise; about 30 s here. Measured: recall 1.0 (20/20), no false alarm in
+    2118 frames outside slips, onset delay median 1 and p90 2 frames. ``fovea-vla slip-eval``
+    runs larger sets (numbers in the fovea_vla.slip_cli module docstring).
     """
-    summary = evaluate(30, 60, backend="dis", preset="slow", seed=100, backgrounds=backgrounds)
-    assert summary["slip_sequences"] == 15
+    summary = evaluate(40, 60, backend="dis", preset="slow", seed=100, backgrounds=backgrounds)
+    assert summary["slip_sequences"] == 20
     assert summary["recall"] >= 0.95
     assert summary["false_alarms_per_1000"] <= 1.0
     assert summary["delay_median"] <= 2
