@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from fovea_vla.core.flow.base import flow_at_grid
+from fovea_vla.core.flow.flo import read_flo
+
+MIDDLEBURY = "VISION-Optical-Flow/data2"
+SINTEL = "faldoi-ipol/example_data/clean/easy"
 
 
 def rotation_example(
@@ -53,3 +58,15 @@ def interior_error(flow: np.ndarray, gt: np.ndarray, grid: int, margin: int = 16
     m = margin // grid
     err = np.linalg.norm(flow - flow_at_grid(gt, grid), axis=2)
     return float(err[m:-m, m:-m].mean())
+
+
+def load_pair(shared_data, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(prev, cur, gt): Middlebury pairs are 8-bit gray; Sintel is read as RGB."""
+    if name == "alley_1":
+        prev, cur = (
+            cv2.cvtColor(cv2.imread(str(shared_data / SINTEL / f"frame_000{i}.png")), cv2.COLOR_BGR2RGB) for i in (2, 3)
+        )
+        return prev, cur, read_flo(shared_data / SINTEL / "gt/frame_0002.flo")
+    frames = shared_data / MIDDLEBURY / "other-data-gray" / name
+    prev, cur = (cv2.imread(str(frames / f"frame{i}.png"), cv2.IMREAD_GRAYSCALE) for i in (10, 11))
+    return prev, cur, read_flo(shared_data / MIDDLEBURY / "other-gt-flow" / name / "flow10.flo")

@@ -25,12 +25,8 @@ from fovea_vla.core.flow import (
 )
 from fovea_vla.core.flow import base as flow_base
 from fovea_vla.core.flow.base import flow_at_grid
-from fovea_vla.core.flow.flo import read_flo
 
-from .flow_examples import interior_error, rotation_example
-
-MIDDLEBURY = "VISION-Optical-Flow/data2"
-SINTEL = "faldoi-ipol/example_data/clean/easy"
+from .flow_examples import interior_error, load_pair, rotation_example
 
 # EPE bounds are ~1.3x the values measured with OpenCV 4.13 on a 2-core x86 Xeon (measured values
 # in the comments); DIS is deterministic, the margin covers other OpenCV builds and SIMD paths.
@@ -40,18 +36,6 @@ EPE_BOUNDS = {
     "Grove2": {("medium", 1.0): 0.42, ("fast", 0.5): 0.83},  # measured 0.324, 0.633
     "alley_1": {("medium", 1.0): 0.45, ("fast", 0.5): 1.14},  # measured 0.342, 0.873
 }
-
-
-def _load_pair(shared_data, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(prev, cur, gt): Middlebury pairs are 8-bit gray; Sintel is read as RGB."""
-    if name == "alley_1":
-        prev, cur = (
-            cv2.cvtColor(cv2.imread(str(shared_data / SINTEL / f"frame_000{i}.png")), cv2.COLOR_BGR2RGB) for i in (2, 3)
-        )
-        return prev, cur, read_flo(shared_data / SINTEL / "gt/frame_0002.flo")
-    frames = shared_data / MIDDLEBURY / "other-data-gray" / name
-    prev, cur = (cv2.imread(str(frames / f"frame{i}.png"), cv2.IMREAD_GRAYSCALE) for i in (10, 11))
-    return prev, cur, read_flo(shared_data / MIDDLEBURY / "other-gt-flow" / name / "flow10.flo")
 
 
 def _dis(**kwargs) -> FlowBackend:
@@ -164,7 +148,7 @@ def test_endpoint_error_masks_unknown_and_invalid():
 @pytest.mark.parametrize("pair", sorted(EPE_BOUNDS))
 @pytest.mark.parametrize(("preset", "scale"), [("medium", 1.0), ("fast", 0.5)])
 def test_dis_epe_on_real_pairs(shared_data, pair, preset, scale):
-    prev, cur, gt = _load_pair(shared_data, pair)
+    prev, cur, gt = load_pair(shared_data, pair)
     cfg = FlowConfig(backend="dis", preset=preset, scale=scale)
     if (preset, scale) == ("fast", 0.5):
         assert cfg == FlowConfig(backend="dis")  # this row checks the default config

@@ -10,7 +10,6 @@ import itertools
 import logging
 import re
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -26,14 +25,11 @@ from fovea_vla.core.flow import (
     torch_cuda,
 )
 from fovea_vla.core.flow.base import FLOW_PRESETS, flow_at_grid, grid_shape
-from fovea_vla.core.flow.flo import read_flo
 from fovea_vla.core.flow.torch_cuda import NO_CUDA_REASON, PRESETS, LKParams, TorchFlow, median5
 from fovea_vla.core.registry import BackendRegistry
 
-from .flow_examples import interior_error, rotation_example
+from .flow_examples import interior_error, load_pair, rotation_example
 
-MIDDLEBURY = "VISION-Optical-Flow/data2"
-SINTEL = "faldoi-ipol/example_data/clean/easy"
 PAIRS = ("RubberWhale", "Grove2", "alley_1")
 
 # Acceptance criterion: at most 1.5x the EPE of DIS medium, both at scale 1, same run.
@@ -52,18 +48,6 @@ CUDA = torch.cuda.is_available()
 
 def _torch(device: str, **kwargs) -> TorchFlow:
     return TorchFlow(FlowConfig(backend="torch", **kwargs), device=device)
-
-
-def _load_pair(shared_data, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(prev, cur, gt): Middlebury pairs are 8-bit gray; Sintel is read as RGB."""
-    if name == "alley_1":
-        prev, cur = (
-            cv2.cvtColor(cv2.imread(str(shared_data / SINTEL / f"frame_000{i}.png")), cv2.COLOR_BGR2RGB) for i in (2, 3)
-        )
-        return prev, cur, read_flo(shared_data / SINTEL / "gt/frame_0002.flo")
-    frames = shared_data / MIDDLEBURY / "other-data-gray" / name
-    prev, cur = (cv2.imread(str(frames / f"frame{i}.png"), cv2.IMREAD_GRAYSCALE) for i in (10, 11))
-    return prev, cur, read_flo(shared_data / MIDDLEBURY / "other-gt-flow" / name / "flow10.flo")
 
 
 # --- presets, availability and selection ----------------------------------------------------
@@ -160,7 +144,7 @@ def test_module_doctests():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pair", PAIRS)
 def test_real_pairs_within_1_5x_of_dis_medium(shared_data, pair, device):
-    prev, cur, gt = _load_pair(shared_data, pair)
+    prev, cur, gt = load_pair(shared_data, pair)
     dis_epe = endpoint_error(
         make_flow(FlowConfig(backend="dis", preset="medium", scale=1.0))[0].compute(prev, cur).flow, gt
     )

@@ -16,7 +16,7 @@ import pytest
 
 from fovea_vla.core.flow import FLOW_BACKENDS, FlowConfig, endpoint_error, make_flow
 from fovea_vla.core.flow import vpi as vpi_backend
-from fovea_vla.core.flow.base import FLOW_PRESETS, flow_at_grid, grid_shape
+from fovea_vla.core.flow.base import FLOW_PRESETS, check_frame_pair, flow_at_grid, grid_shape
 from fovea_vla.core.flow.flo import read_flo
 from fovea_vla.core.flow.vpi import (
     MAX_PYRAMID_LEVELS,
@@ -210,7 +210,7 @@ def test_vpi_inputs_gray_working_size_contiguous():
 )
 def test_frame_checks(prev, cur, message):
     with pytest.raises(ValueError, match=message):
-        vpi_backend._check_frames(prev, cur)
+        check_frame_pair(prev, cur)
 
 
 # --- selection without VPI ------------------------------------------------------------------

@@ -28,6 +28,7 @@ __all__ = [
     "FlowBackend",
     "FlowConfig",
     "FlowResult",
+    "check_frame_pair",
     "endpoint_error",
     "flow_at_grid",
     "grid_shape",
@@ -280,3 +281,14 @@ def make_example(
     flow_gt = np.empty((height, width, 2), np.float32)
     flow_gt[..., 0], flow_gt[..., 1] = u, v
     return prev, cur, flow_gt
+
+
+def check_frame_pair(prev: np.ndarray, cur: np.ndarray) -> None:
+    """Raise ``ValueError`` unless both frames are (H, W) or (H, W, 3) uint8 numpy arrays of one shape."""
+    for label, image in (("prev", prev), ("cur", cur)):
+        if not isinstance(image, np.ndarray):
+            raise ValueError(f"{label} must be a numpy array, got {type(image).__name__}")
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+            raise ValueError(f"{label} must be (H, W) or (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    if prev.shape != cur.shape:
+        raise ValueError(f"prev {prev.shape} and cur {cur.shape} must have the same shape")

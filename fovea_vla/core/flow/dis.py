@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from fovea_vla.core.flow.base import FLOW_BACKENDS, FlowConfig, FlowResult, flow_at_grid, grid_shape
+from fovea_vla.core.flow.base import FLOW_BACKENDS, FlowConfig, FlowResult, check_frame_pair, flow_at_grid, grid_shape
 from fovea_vla.core.registry import Availability
 
 try:
@@ -158,7 +158,7 @@ class DisFlow:
             ValueError: shapes differ, or a frame is not (H, W) / (H, W, 3) uint8.
         """
         start = time.perf_counter()
-        _check_frames(prev, cur)
+        check_frame_pair(prev, cur)
         if prev.shape != self._in_shape:
             self._allocate(prev.shape)
         # No preallocated output: DIS treats any (h, w, 2) float32 array passed here as an
@@ -183,13 +183,3 @@ class DisFlow:
         out[..., 0] *= w / ws
         out[..., 1] *= h / hs
         return out
-
-
-def _check_frames(prev: np.ndarray, cur: np.ndarray) -> None:
-    for label, image in (("prev", prev), ("cur", cur)):
-        if not isinstance(image, np.ndarray):
-            raise ValueError(f"{label} must be a numpy array, got {type(image).__name__}")
-        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
-            raise ValueError(f"{label} must be (H, W) or (H, W, 3) uint8, got {image.shape} {image.dtype}")
-    if prev.shape != cur.shape:
-        raise ValueError(f"prev {prev.shape} and cur {cur.shape} must have the same shape")

@@ -78,7 +78,15 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from fovea_vla.core.flow.base import FLOW_BACKENDS, FLOW_PRESETS, FlowConfig, FlowResult, grid_shape, make_example
+from fovea_vla.core.flow.base import (
+    FLOW_BACKENDS,
+    FLOW_PRESETS,
+    FlowConfig,
+    FlowResult,
+    check_frame_pair,
+    grid_shape,
+    make_example,
+)
 from fovea_vla.core.registry import Availability
 
 try:
@@ -269,16 +277,6 @@ def native_to_output(native: np.ndarray, geometry: OfaGeometry, grid: int) -> np
     return out.astype(np.float32, copy=False)
 
 
-def _check_frames(prev: np.ndarray, cur: np.ndarray) -> None:
-    for label, image in (("prev", prev), ("cur", cur)):
-        if not isinstance(image, np.ndarray):
-            raise ValueError(f"{label} must be a numpy array, got {type(image).__name__}")
-        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
-            raise ValueError(f"{label} must be (H, W) or (H, W, 3) uint8, got {image.shape} {image.dtype}")
-    if prev.shape != cur.shape:
-        raise ValueError(f"prev {prev.shape} and cur {cur.shape} must have the same shape")
-
-
 def _vpi_inputs(prev: np.ndarray, cur: np.ndarray, working_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """The pair as the OFA path wraps it: gray, at the working size, C-contiguous.
 
@@ -373,7 +371,7 @@ class VpiFlow:
                 size is under 32x32.
         """
         start = time.perf_counter()
-        _check_frames(prev, cur)
+        check_frame_pair(prev, cur)
         if self._geometry is None or self._geometry.input_hw != prev.shape[:2]:
             self._geometry = ofa_geometry(prev.shape[0], prev.shape[1], self.cfg.scale, self.cfg.grid)
         prev_gray, cur_gray = _vpi_inputs(prev, cur, self._geometry.working_hw)
