@@ -59,12 +59,14 @@ def _selection(config: str) -> list[str]:
     cfg = pipeline_config(values)
     registries = _stage_registries()
     wanted = {"flow": (cfg.flow.backend, "flow.backend"), "texture": (cfg.texture.backend, "texture.backend")}
+    if cfg.slip is not None:
+        wanted["slip flow"] = (cfg.slip.flow.backend, "slip.flow_backend")
     for stage, (name, field) in wanted.items():
         try:
-            choice = registries[stage].select(name, field=field)
-            lines.append(f"  {stage:<8} {field}={name!r} -> {choice.name} ({choice.reason})")
+            choice = registries[stage.removeprefix("slip ")].select(name, field=field)
+            lines.append(f"  {stage:<9} {field}={name!r} -> {choice.name} ({choice.reason})")
         except (ValueError, RuntimeError) as exc:
-            lines.append(f"  {stage:<8} {field}={name!r} -> FAILS: {exc}")
+            lines.append(f"  {stage:<9} {field}={name!r} -> FAILS: {exc}")
     device = cfg.texture.resolved_device()
     verdict = device
     if device.startswith("cuda"):
@@ -72,7 +74,7 @@ def _selection(config: str) -> list[str]:
 
         ok, reason = cuda()
         verdict = device if ok else f"{device}: FAILS at startup: {reason}"
-    lines.append(f"  {'device':<8} texture.device={cfg.texture.device!r} -> {verdict}")
+    lines.append(f"  {'device':<9} texture.device={cfg.texture.device!r} -> {verdict}")
     return lines
 
 
