@@ -28,7 +28,6 @@ DROP_EXPLANATIONS = {
     "transport_superseded": "published but replaced in fovea_node's depth-1 best-effort queue by a newer frame "
     "while it was busy (sensor-data QoS: always process the newest frame)",
     "stale": "older than max_frame_age_ms when it arrived",
-    "in_flight_at_stop": "published in the last moments and still in flight when the graph was stopped",
 }
 
 
@@ -111,8 +110,8 @@ class _Recorder:
             self.video_frames += 1
         self.snapshots.append((t, rgb))
         if len(self.snapshots) > 400:
-            # Keep memory bounded: thin out evenly, keeping the first and the newest.
-            self.snapshots = [*self.snapshots[::2], self.snapshots[-1]]
+            # Keep memory bounded: thin out evenly (401 entries: the first and the newest stay).
+            self.snapshots = self.snapshots[::2]
 
     def close(self) -> None:
         if self.writer is not None:
@@ -192,6 +191,8 @@ def run_demo(
         while time.monotonic() - start < duration_s:
             executor.spin_once(timeout_sec=0.1)
         wall_s = time.monotonic() - start
+        # The window's counts end here, before stopping the graph adds frames nobody processes.
+        infos_at_end, stats_at_end = recorder.camera_infos, recorder.last_stats
     finally:
         exit_codes = processes.stop()
         end = time.monotonic() + 1.0
@@ -201,7 +202,7 @@ def run_demo(
         node.destroy_node()
         rclpy.try_shutdown()
 
-    stats = recorder.last_stats
+    stats = stats_at_end
     if stats is None:
         raise RuntimeError("fovea_node published no stats")
     # Count over the recording window only: the recorder joined after camera_replay started.
@@ -211,7 +212,7 @@ def run_demo(
         for d in before.drops:
             drops[d.reason] = drops.get(d.reason, 0) - int(d.count)
     drops = {reason: count for reason, count in drops.items() if count > 0}
-    published = recorder.camera_infos - infos_at_start
+    published = infos_at_end - infos_at_start
     received = int(stats.frames_received) - (int(before.frames_received) if before else 0)
     processed = int(stats.frames_processed) - (int(before.frames_processed) if before else 0)
     if published > received:

@@ -464,6 +464,7 @@ class FixationController:
         return self._hold_at(x, y, now_s, hold_s, FixationSource.QUERY)
 
     def _hold_at(self, x, y, now_s, hold_s, source) -> FixationState:
+        _check_finite(x, y)
         hold = self.cfg.external_hold_s if hold_s is None or hold_s <= 0 else hold_s
         self._pos = self._clamp(np.array([x, y], dtype=np.float64))
         self._vel[:] = 0.0
@@ -493,6 +494,7 @@ class FixationController:
         Ends any hold. The target's velocity is unknown (0) until the first measurement; the
         pursuit coasts for ``coast_s`` if nothing moves there.
         """
+        _check_finite(x, y)
         self._hold_until_s = None
         self._pos = self._clamp(np.array([x, y], dtype=np.float64))
         self._vel[:] = 0.0
@@ -828,7 +830,8 @@ class FixationController:
         primary = self.state
         if self.cfg.num_fixations == 1:
             return FixationSet((primary,), (1.0,), trigger)
-        priority = maps.priority() * self._suppression([(primary.x, primary.y)])
+        # Spaced from where the primary is on this frame (the layout's centre), not its prediction.
+        priority = maps.priority() * self._suppression([(primary.filtered_x, primary.filtered_y)])
         states, scores = [primary], []
         for _ in range(self.cfg.num_fixations - 1):
             peak = float(priority.max())
@@ -905,3 +908,9 @@ def make_example() -> tuple[FixationController, np.ndarray, int]:
     flow = np.zeros((120, 160, 2), np.float32)
     flow[(xs[None, :] - 330.0) ** 2 + (ys[:, None] - 250.0) ** 2 <= 30.0**2] = (3.0, 0.0)
     return FixationController(FixationConfig(), 640, 480), flow, 4
+
+
+def _check_finite(x: float, y: float) -> None:
+    """A fixation request at NaN or infinity would poison the filter for good: refuse it."""
+    if not (math.isfinite(x) and math.isfinite(y)):
+        raise ValueError(f"fixation request at ({x}, {y}): coordinates must be finite")

@@ -31,7 +31,8 @@ class PipelineConfig:
 
     Attributes:
         flow: optical-flow engine.
-        flow_enabled: when false, no flow is computed and the fixation only moves on request.
+        flow_enabled: when false, no flow is computed: no pursuit and no motion events; the
+            fixation moves on request and, with a saccade rate, to salient points.
         motion: motion analysis on top of the flow (changed tiles, camera motion, independent
             motion, scene cuts).
         texture: texture pyramid backend and device.
@@ -178,8 +179,8 @@ class FoveaPipeline:
         height, width = frame.rgb.shape[:2]
         now_s = frame.stamp_ns * 1e-9
         if self._fixation is None or (self._fixation.width, self._fixation.height) != (width, height):
+            self.reset()  # a new size is a new camera: nothing of the old geometry carries over
             self._fixation = FixationController(self.cfg.fixation, width, height)
-            self._prev_gray = None
 
         flow_result = motion = gray = slip = None
         prev_gray = self._prev_gray
@@ -198,9 +199,10 @@ class FoveaPipeline:
                     # Nothing carries over a cut: no temporal hints (the controller forgets too).
                     self._flow.reset()
             self._prev_gray = gray
-        if self._slip is not None and grasp is not None and prev_gray is not None:
-            if motion is not None and motion.is_cut:
-                self._slip.reset()
+        if self._slip is not None:
+            if grasp is None or prev_gray is None or (motion is not None and motion.is_cut):
+                # No evidence about the grasp on this frame: an active slip ends (CLEARED).
+                slip = self._slip.release(now_s)
             else:
                 ego = None if motion is None else motion.ego_motion
                 slip = self._slip.update(prev_gray, gray, grasp, now_s, ego)

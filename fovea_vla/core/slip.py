@@ -28,9 +28,9 @@ A frame is *slipping* when all of these hold:
   lightly blurred patches, so a brightness gain or offset (flicker) leaves it unchanged.
 
 State machine (one event per call at most): ``k_frames`` consecutive slipping frames give
-ONSET; every later frame gives ONGOING while ``|relative| >= clear_threshold_px`` (lower than
-the onset threshold: hysteresis, no flapping); ``clear_frames`` consecutive frames below it give
-CLEARED. An open gripper resets the detector (an active slip ends with CLEARED on that frame).
+ONSET; every later frame gives ONGOING until ``clear_frames`` consecutive frames below
+``clear_threshold_px`` (lower than the onset threshold: hysteresis, no flapping) give CLEARED.
+An open gripper resets the detector (an active slip ends with CLEARED on that frame).
 Frames without enough texture in either region give no evidence: they break an onset run and
 count toward clearing.
 

@@ -71,10 +71,23 @@ class SlipStage:
         self.detector = SlipDetector(self.cfg.detector)
         self._flow, self.backend = make_flow(self.cfg.flow)
         self.timing_ms: dict[str, float] = {}
+        self._last_grasp: Grasp | None = None
 
     def reset(self) -> None:
         self.detector.reset()
         self._flow.reset()
+        self._last_grasp = None
+
+    def release(self, stamp_s: float) -> SlipEvent | None:
+        """No usable grasp on this frame: end an active slip (CLEARED) and reset, else nothing."""
+        last = self._last_grasp
+        event = None
+        if self.detector.active and last is not None:
+            event = self.detector.update(
+                np.zeros((1, 1, 2), np.float32), 1, last.gripper_regions, last.object_region, False, stamp_s=stamp_s
+            )
+        self.reset()
+        return event
 
     def update(
         self,
@@ -98,12 +111,12 @@ class SlipStage:
         """
         self.timing_ms = {}
         if not grasp.closed:
-            return self.detector.update(
-                np.zeros((1, 1, 2), np.float32), 1, grasp.gripper_regions, grasp.object_region, False, stamp_s=stamp_s
-            )
+            self._last_grasp = grasp
+            return self.release(stamp_s)
         x, y, w, h = slip_crop([*grasp.gripper_regions, grasp.object_region], prev_gray.shape, self.cfg.crop_margin_px)
         if w < 16 or h < 16:
-            return None  # the regions lie outside the image
+            return self.release(stamp_s)  # the regions lie outside the image
+        self._last_grasp = grasp
         start = time.perf_counter()
         prev_crop = prev_gray[y : y + h, x : x + w]
         flow = self._flow.compute(prev_crop, match_brightness(prev_crop, cur_gray[y : y + h, x : x + w]))

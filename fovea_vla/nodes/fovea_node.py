@@ -143,7 +143,7 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec(
         "fixation.motion_threshold_px",
         0.6,
-        "Residual flow counted as motion when no motion analysis runs [px/frame].",
+        "Flow inside the pursuit window counted as the target's motion [px/frame].",
         range=(0.01, 100.0),
     ),
     ParamSpec(
@@ -450,6 +450,9 @@ class FoveaNode(Node):
             return
         if not frame.frame_id:
             frame = type(frame)(rgb=frame.rgb, stamp_ns=frame.stamp_ns, frame_id="camera")
+        if self._last_frame_id and frame.frame_id != self._last_frame_id:
+            self.get_logger().info(f"camera changed ({self._last_frame_id} -> {frame.frame_id}): pipeline reset")
+            self.pipeline.reset()
         fx = self.camera.intrinsics(frame.rgb.shape[1], frame.rgb.shape[0])[0] if self.camera.known else None
         try:
             output = self.pipeline.process(
@@ -480,7 +483,8 @@ class FoveaNode(Node):
             if self._last_size is None:
                 response.success, response.message = False, "no frame seen yet: normalized position has no size"
                 return response
-            x, y = x * (self._last_size[0] - 1), y * (self._last_size[1] - 1)
+            # As Fixation.u / v define them: u = x / image_width.
+            x, y = x * self._last_size[0], y * self._last_size[1]
         self.pipeline.set_external_fixation(x, y, float(request.hold_s) if request.hold_s > 0 else None)
         response.success, response.message = True, f"fixation set to ({x:.1f}, {y:.1f}) px"
         return response
@@ -497,8 +501,8 @@ class FoveaNode(Node):
             )
             return
         pixel = self.camera.project((msg.point.x, msg.point.y, msg.point.z), *self._last_size)
-        if pixel is None:
-            self.get_logger().warning("clicked_point is behind the camera (expects the camera optical frame)")
+        if pixel is None or not np.isfinite(pixel).all():
+            self.get_logger().warning("clicked_point is behind the camera or not finite (expects the optical frame)")
             return
         self.pipeline.set_external_fixation(*pixel)
 

@@ -217,7 +217,8 @@ class MarkerBuilder:
             text.action = arrow.action = Marker.DELETE
             return [text, arrow]
         x, y, w, h = event.region
-        cx, cy = x + 0.5 * w, y + 0.5 * h
+        # The region holds pixel centres x .. x + w - 1.
+        cx, cy = x + 0.5 * (w - 1), y + 0.5 * (h - 1)
         text.pose = Pose(position=self._point(cx, y - 10.0, out), orientation=_IDENTITY)
         text.text = f"SLIP {event.magnitude:.2f} px/frame"
         # The arrow shows 30 frames of the slip so sub-pixel motion is visible.

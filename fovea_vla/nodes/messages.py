@@ -23,6 +23,7 @@ __all__ = [
     "frame_from_image",
     "image_msg",
     "ns_to_stamp",
+    "slip_msg",
     "stamp_to_ns",
 ]
 
@@ -87,7 +88,8 @@ class CameraModel:
             sx = width / self._info.width
             sy = height / self._info.height
             k = self._info.k
-            return k[0] * sx, k[4] * sy, k[2] * sx, k[5] * sy
+            # Pixel centres sit at integers, so the principal point scales about -0.5.
+            return k[0] * sx, k[4] * sy, (k[2] + 0.5) * sx - 0.5, (k[5] + 0.5) * sy - 0.5
         fx = 0.5 * width / math.tan(math.radians(self.default_fov_deg) / 2.0)
         return fx, fx, (width - 1) / 2.0, (height - 1) / 2.0
 
