@@ -13,7 +13,7 @@ import numpy as np
 from fovea_vla.core.fixation import FixationSource, FixationState, grid_centers
 from fovea_vla.core.foveation import FoveatedLayout
 
-__all__ = ["SOURCE_COLORS", "draw_overlay", "level_color"]
+__all__ = ["SOURCE_COLORS", "draw_overlay", "level_color", "level_colors"]
 
 # RGB per fixation source.
 SOURCE_COLORS: dict[FixationSource, tuple[int, int, int]] = {
@@ -28,6 +28,15 @@ _LEVEL_COLORS = np.array(
     [(0, 230, 255), (40, 220, 80), (255, 220, 0), (255, 120, 0), (255, 40, 40), (200, 0, 200)],
     dtype=np.float64,
 )
+
+
+def level_colors(levels: np.ndarray) -> np.ndarray:
+    """Vectorised :func:`level_color`: (N,) levels -> (N, 3) float64 RGB in [0, 255]."""
+    position = np.clip(np.asarray(levels, dtype=np.float64), 0.0, len(_LEVEL_COLORS) - 1)
+    low = np.floor(position).astype(np.int64)
+    high = np.minimum(low + 1, len(_LEVEL_COLORS) - 1)
+    mix = (position - low)[:, None]
+    return _LEVEL_COLORS[low] * (1.0 - mix) + _LEVEL_COLORS[high] * mix
 
 
 def level_color(level: float) -> tuple[int, int, int]:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 from collections import deque
 
+import numpy as np
 from builtin_interfaces.msg import Duration
 from geometry_msgs.msg import Point, Pose, Quaternion, Vector3
 from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
 from fovea_vla.core.fixation import grid_centers
-from fovea_vla.core.overlay import SOURCE_COLORS, level_color
+from fovea_vla.core.overlay import SOURCE_COLORS, level_colors
 from fovea_vla.core.pipeline import PipelineOutput
 from fovea_vla.nodes.messages import CameraModel
 
@@ -65,12 +66,14 @@ class MarkerBuilder:
         self.lifetime = Duration(sec=int(lifetime_s), nanosec=int((lifetime_s % 1.0) * 1e9))
         self.flow_spacing_px = flow_spacing_px
         self.show_patches = show_patches
+        self._intrinsics = (1.0, 1.0, 0.0, 0.0)
         self.max_fixations = max_fixations
         self._trail: deque[tuple[float, float]] = deque(maxlen=saccade_trail)
 
-    def _point(self, x: float, y: float, out: PipelineOutput, depth: float | None = None) -> Point:
-        px, py, pz = self.camera.unproject(x, y, out.width, out.height, depth or self.depth_m)
-        return Point(x=float(px), y=float(py), z=float(pz))
+    def _point(self, x: float, y: float, out: PipelineOutput) -> Point:
+        # Intrinsics of this frame, looked up once per build() (thousands of points per frame).
+        fx, fy, cx, cy = self._intrinsics
+        return Point(x=float((x - cx) / fx * self.depth_m), y=float((y - cy) / fy * self.depth_m), z=self.depth_m)
 
     def _marker(self, header: Header, ns: str, kind: int, scale: Vector3, color: ColorRGBA) -> Marker:
         return Marker(
@@ -106,6 +109,7 @@ class MarkerBuilder:
     def build(self, out: PipelineOutput, header: Header) -> MarkerArray:
         """Markers for one frame; ``header`` carries the frame's capture stamp and camera frame."""
         fix = out.fixation
+        self._intrinsics = self.camera.intrinsics(out.width, out.height)
         mpp = self._metres_per_px(out)
         color = SOURCE_COLORS[fix.source]
         markers = []
@@ -157,6 +161,7 @@ class MarkerBuilder:
         markers.append(velocity)
 
         flow_marker = self._marker(header, "flow", Marker.LINE_LIST, Vector3(x=1.0 * mpp), _rgba((255, 60, 200), 0.9))
+        arrows = []
         if out.flow is not None:
             field = out.flow.flow
             grid = out.flow_grid
@@ -172,30 +177,35 @@ class MarkerBuilder:
                     # Shaft plus a two-stroke head, all as line segments in one marker.
                     angle = math.atan2(y1 - y0, x1 - x0)
                     head = 0.3 * math.hypot(x1 - x0, y1 - y0)
-                    flow_marker.points += [self._point(x0, y0, out), self._point(x1, y1, out)]
+                    arrows += [self._point(x0, y0, out), self._point(x1, y1, out)]
                     for side in (-0.5, 0.5):
-                        flow_marker.points += [
+                        arrows += [
                             self._point(x1, y1, out),
                             self._point(x1 - head * math.cos(angle + side), y1 - head * math.sin(angle + side), out),
                         ]
+        flow_marker.points = arrows
         if not flow_marker.points:
             flow_marker.action = Marker.DELETE
         markers.append(flow_marker)
 
         if self.show_patches:
             patches = self._marker(header, "patches", Marker.LINE_LIST, Vector3(x=0.8 * mpp), _rgba((255, 255, 255)))
-            for (cx, cy), size, level in zip(fovea.centers, fovea.sizes, fovea.levels, strict=True):
-                half = 0.5 * float(size)
-                corners = [
-                    self._point(cx - half, cy - half, out),
-                    self._point(cx + half, cy - half, out),
-                    self._point(cx + half, cy + half, out),
-                    self._point(cx - half, cy + half, out),
-                ]
-                level_rgba = _rgba(level_color(float(level)), 0.8)
-                for i in range(4):
-                    patches.points += [corners[i], corners[(i + 1) % 4]]
-                    patches.colors += [level_rgba, level_rgba]
+            # Corners for every patch at once, then message objects; the lists are assigned once because
+            # the message setters re-check every element.
+            fx, fy, cx, cy = self._intrinsics
+            half = 0.5 * fovea.sizes.astype(np.float64)[:, None]
+            offsets = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=np.float64)
+            corners = fovea.centers.astype(np.float64)[:, None, :] + half[..., None] * offsets  # (N, 4, 2)
+            # Each edge i -> i + 1 of each square, as LINE_LIST point pairs.
+            ends = corners[:, [0, 1, 1, 2, 2, 3, 3, 0], :].reshape(-1, 2)
+            xs = ((ends[:, 0] - cx) / fx * self.depth_m).tolist()
+            ys = ((ends[:, 1] - cy) / fy * self.depth_m).tolist()
+            points = [Point(x=x, y=y, z=self.depth_m) for x, y in zip(xs, ys, strict=True)]
+            rgb = (level_colors(fovea.levels) / 255.0).tolist()
+            colors = []
+            for r, g, b in rgb:
+                colors += [ColorRGBA(r=r, g=g, b=b, a=0.8)] * 8
+            patches.points, patches.colors = points, colors
             markers.append(patches)
 
         markers += self._slip_markers(out, header, mpp)
