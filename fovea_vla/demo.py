@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from fovea_vla.bringup import node_graph
+from fovea_vla.core.fixation import FixationSource
 from fovea_vla.launcher import GraphProcesses
 
 __all__ = ["run_demo"]
@@ -82,7 +83,7 @@ class _Recorder:
         from fovea_vla.nodes.messages import stamp_to_ns
 
         self.fixations += 1
-        self.sources[{0: "default", 1: "pursuit", 2: "saccade", 3: "external", 4: "query"}.get(msg.source, "?")] += 1
+        self.sources[FixationSource(msg.source).name.lower()] += 1
         self.latency_ms.append((self.node.get_clock().now().nanoseconds - stamp_to_ns(msg.header.stamp)) * 1e-6)
 
     def _on_stats(self, msg) -> None:

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import enum
 import math
-import numbers
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,6 +64,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from fovea_vla.core._validation import is_int, is_real
 from fovea_vla.core.flow.base import FlowResult
 
 __all__ = [
@@ -160,26 +160,18 @@ class SlipConfig:
             # Written as "in range" tests, so NaN fails them; high is inclusive except for
             # trim (< 0.5 keeps samples) and the clear threshold (< onset: hysteresis).
             high_in = name not in ("trim", "clear_threshold_px")
-            ok = _is_real(value) and (low <= value if low_in else low < value)
+            ok = is_real(value) and (low <= value if low_in else low < value)
             ok = ok and (value <= high if high_in else value < high) and math.isfinite(value)
             if not ok:
                 interval = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
                 raise ValueError(f"slip.{name}={value!r}: must be a number in {interval}")
         for name in ("k_frames", "clear_frames", "min_textured_area_px"):
             value = getattr(self, name)
-            if not (_is_int(value) and value >= 1):
+            if not (is_int(value) and value >= 1):
                 raise ValueError(f"slip.{name}={value!r}: must be an integer >= 1")
         for name in ("ego_compensation", "verify_warp"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"slip.{name}={getattr(self, name)!r}: must be a bool")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 @dataclass(frozen=True)
@@ -351,7 +343,7 @@ class SlipDetector:
         flow = np.asarray(flow, dtype=np.float32)
         if flow.ndim != 3 or flow.shape[2] != 2 or min(flow.shape[:2]) < 1:
             raise ValueError(f"flow must be (Hg, Wg, 2), got shape {flow.shape}")
-        if not _is_int(grid) or grid < 1:
+        if not is_int(grid) or grid < 1:
             raise ValueError(f"grid={grid!r}: must be an integer >= 1")
         if confidence is not None and np.shape(confidence) != flow.shape[:2]:
             raise ValueError(f"confidence {np.shape(confidence)} must be (Hg, Wg) = {flow.shape[:2]}")

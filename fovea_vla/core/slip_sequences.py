@@ -36,11 +36,12 @@ Pixel convention: x right, y down, the centre of the top-left pixel is (0, 0). R
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
+
+from fovea_vla.core._validation import is_int, is_real
 
 __all__ = [
     "SlipSequence",
@@ -113,7 +114,7 @@ class SlipSequenceConfig:
         ints = {"width": 128, "height": 128, "frames": 20, "supersample": 1, "seed": 0}
         ints |= {"slip_lead_frames": 2, "slip_tail_frames": 2}
         for name, minimum in ints.items():
-            if not (_is_int(getattr(self, name)) and getattr(self, name) >= minimum):
+            if not (is_int(getattr(self, name)) and getattr(self, name) >= minimum):
                 _fail(name, getattr(self, name), f"an integer >= {minimum}")
         if not isinstance(self.slip, bool):
             _fail("slip", self.slip, "a bool")
@@ -133,7 +134,7 @@ class SlipSequenceConfig:
         }
         for name, (low, open_) in floats.items():
             value = getattr(self, name)
-            if not (_is_real(value) and math.isfinite(value) and (value > low if open_ else value >= low)):
+            if not (is_real(value) and math.isfinite(value) and (value > low if open_ else value >= low)):
                 _fail(name, value, f"a finite number {'>' if open_ else '>='} {low:g}")
         if self.slip_stop_probability > 1:
             _fail("slip_stop_probability", self.slip_stop_probability, "in [0, 1]")
@@ -145,14 +146,6 @@ def _fail(name: str, value, requirement: str):
     raise ValueError(f"slip_sequence.{name}={value!r}: must be {requirement}")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-
-
 def _check_range(name, value, low, high, *, integer=False, low_open=False, ordered=True) -> None:
     """Checks a pair of numbers in bounds; ``ordered``: a (min, max) range with min <= max."""
     kind = "integers" if integer else "numbers"
@@ -160,7 +153,7 @@ def _check_range(name, value, low, high, *, integer=False, low_open=False, order
     requirement = f"a (min, max) pair of {kind} {bound}, min <= max" if ordered else f"a pair of {kind} {bound}"
     if not isinstance(value, tuple) or len(value) != 2:
         _fail(name, value, requirement)
-    check = _is_int if integer else _is_real
+    check = is_int if integer else is_real
     ok = all(check(v) and (v > low if low_open else v >= low) and v <= high for v in value)
     if not ok or (ordered and value[0] > value[1]):
         _fail(name, value, requirement)

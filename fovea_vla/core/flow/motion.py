@@ -49,13 +49,13 @@ Scene-cut rule. A cut needs both cues, so neither motion nor lighting alone make
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
+from fovea_vla.core._validation import is_int, is_real
 from fovea_vla.core.flow.base import FlowResult, grid_shape
 
 __all__ = ["EGO_MODELS", "MotionAnalysis", "MotionAnalyzer", "MotionConfig", "make_example"]
@@ -147,7 +147,7 @@ class MotionConfig:
         ints = {"tile_size": 1, "min_region_px": 0, "ego_samples": _MIN_FIT_VECTORS, "cut_cell_px": 1, "seed": 0}
         for name, minimum in ints.items():
             value = getattr(self, name)
-            if not (_is_int(value) and value >= minimum):
+            if not (is_int(value) and value >= minimum):
                 raise ValueError(f"motion.{name}={value!r}: must be an integer >= {minimum}")
         # name: (low, high, low inclusive, high inclusive)
         floats = {
@@ -166,21 +166,13 @@ class MotionConfig:
         for name, (low, high, low_in, high_in) in floats.items():
             value = getattr(self, name)
             # Written as "in range" tests, so NaN fails them.
-            ok = _is_real(value) and (low <= value if low_in else low < value)
+            ok = is_real(value) and (low <= value if low_in else low < value)
             ok = ok and (value <= high if high_in else value < high)
             if not ok:
                 interval = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
                 raise ValueError(f"motion.{name}={value!r}: must be a number in {interval}")
         if self.ego_model not in EGO_MODELS:
             raise ValueError(f"motion.ego_model={self.ego_model!r}: must be one of {', '.join(EGO_MODELS)}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 @dataclass
@@ -306,7 +298,7 @@ class MotionAnalyzer:
         confidence = None
         if isinstance(flow, FlowResult):
             flow, confidence = flow.flow, flow.confidence
-        if not _is_int(grid) or grid < 1:
+        if not is_int(grid) or grid < 1:
             raise ValueError(f"grid={grid!r}: must be an integer >= 1")
         if cfg.tile_size % grid:
             raise ValueError(f"motion.tile_size={cfg.tile_size}: must be a multiple of the flow grid {grid}")
