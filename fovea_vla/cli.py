@@ -63,7 +63,13 @@ def _cmd_launch(args) -> int:
 def _cmd_demo(args) -> int:
     from fovea_vla.demo import run_demo
 
-    summary = run_demo(args.duration, Path(args.out), config=args.config, domain_id=args.domain_id)
+    config = args.config
+    if config == "auto":
+        import torch
+
+        config = "desktop_gpu.yaml" if torch.cuda.is_available() else "cpu.yaml"
+        print(f"[demo] config {config} (auto: {'a CUDA device' if config != 'cpu.yaml' else 'no CUDA device'})")
+    summary = run_demo(args.duration, Path(args.out), config=config, domain_id=args.domain_id)
     frames = summary["frames"]
     print(json.dumps({k: summary[k] for k in ("frames", "capture_to_fixation_ms", "backends")}, indent=2))
     print(
@@ -203,6 +209,51 @@ def _add_flow_parsers(sub) -> None:
     flow_eval.set_defaults(func=_cmd_flow_eval)
 
 
+def _cmd_bench_encoder(args) -> int:
+    from fovea_vla.bench import common, encoder_node
+
+    results = encoder_node.run(
+        resolutions=args.resolutions,
+        backends=args.backends,
+        device=args.device,
+        architecture=args.architecture,
+        runs=args.runs,
+        dirty_fraction=args.dirty_fraction,
+        video=Path(args.video) if args.video else encoder_node.DEFAULT_VIDEO,
+        video_frames=args.video_frames,
+    )
+    table = encoder_node.format_table(results)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": common.machine(), **results}, indent=1))
+        print(f"[bench] wrote {args.json}")
+    if not args.no_append:
+        command = "fovea-vla bench encoder " + " ".join(sys.argv[3:])
+        path = common.append_results("Vision stage: texture, encoder, token reuse", command.strip(), table, results)
+        print(f"[bench] appended to {path}")
+    return 0
+
+
+def _add_bench_encoder_parser(bench_sub) -> None:
+    encoder = bench_sub.add_parser(
+        "encoder",
+        help="texture stages per backend, foveated vs full-resolution ViT, token reuse on a static-camera video",
+    )
+    encoder.add_argument(
+        "--resolutions", nargs="+", default=["1280x720", "1920x1080"], choices=["640x480", "1280x720", "1920x1080"]
+    )
+    encoder.add_argument("--backends", nargs="+", default=None, help="texture backends (default: every one here)")
+    encoder.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    encoder.add_argument("--architecture", default="vit_base_patch16", help="encoder size, e.g. vit_tiny_patch16")
+    encoder.add_argument("--runs", type=int, default=100, help="timed runs per stage (CPU encoder: 3)")
+    encoder.add_argument("--dirty-fraction", type=float, default=0.1, help="share of 32-px tiles changed per frame")
+    encoder.add_argument("--video", default=None, help="static-camera video for token reuse (default: video03)")
+    encoder.add_argument("--video-frames", type=int, default=2000, help="frames of the video to run")
+    encoder.add_argument("--json", default=None, help="also write the results as JSON here")
+    encoder.add_argument("--no-append", action="store_true", help="do not append to docs/BENCHMARKS.md")
+    encoder.set_defaults(func=_cmd_bench_encoder)
+
+
 def _add_bench_flow_parser(bench_sub) -> None:
     flow = bench_sub.add_parser(
         "flow", help="time per pair and EPE of every flow backend/preset (synthetic scene + ../shared/data)"
@@ -288,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--no-append", action="store_true", help="do not append to docs/BENCHMARKS.md")
     pipeline.set_defaults(func=_cmd_bench)
     _add_bench_flow_parser(bench_sub)
+    _add_bench_encoder_parser(bench_sub)
 
     _add_flow_parsers(sub)
     _add_slip_parser(sub)
@@ -296,7 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the graph on the synthetic scene and record video + summary")
     demo.add_argument("--duration", type=float, default=20.0, help="recording time [s]")
     demo.add_argument("--out", default="out/demo", help="output folder")
-    demo.add_argument("--config", default="fovea_vla.yaml", help="parameter file in config/ or a path")
+    demo.add_argument(
+        "--config",
+        default="auto",
+        help="parameter file in config/ or a path; auto: desktop_gpu.yaml with a CUDA device, else cpu.yaml",
+    )
     demo.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID (default: env or random)")
     demo.set_defaults(func=_cmd_demo)
     return parser

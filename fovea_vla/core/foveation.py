@@ -24,9 +24,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+import cv2
 import numpy as np
 
-__all__ = ["FoveatedLayout", "FoveationConfig", "foveated_layout", "foveated_layout_multi", "make_example"]
+from fovea_vla.core._validation import is_int, is_real
+
+__all__ = [
+    "AdaptiveBudget",
+    "AdaptiveBudgetConfig",
+    "FoveatedLayout",
+    "FoveationConfig",
+    "foveated_layout",
+    "foveated_layout_multi",
+    "make_example",
+    "scene_complexity",
+]
 
 # Candidate values of 1/M0 (footprint growth per pixel of eccentricity), searched per frame.
 _GROWTH_GRID = np.geomspace(0.005, 2.0, 240)
@@ -85,6 +97,7 @@ class FoveatedLayout:
         fixations: (K, 2) float32 every fixation [px], ``fixation`` first.
         weights: (K,) float32 their normalised weights (sum 1).
         region_m0: (K,) float64 M0 of each region (NaN for a region without tokens).
+        focal_px: camera focal length [px] the layout was built with, or None when unknown.
     """
 
     centers: np.ndarray
@@ -100,10 +113,21 @@ class FoveatedLayout:
     fixations: np.ndarray
     weights: np.ndarray
     region_m0: np.ndarray
+    focal_px: float | None = None
 
     @property
     def num_tokens(self) -> int:
         return int(self.centers.shape[0])
+
+    def eccentricity_deg(self) -> np.ndarray | None:
+        """(N,) float32 eccentricity [deg of visual angle] of each token, None without a focal length.
+
+        Exact for a pinhole camera fixating the principal point; elsewhere it is the angle
+        subtended at the principal-point distance, the same approximation ``e0_deg`` uses.
+        """
+        if self.focal_px is None or not self.focal_px > 0:
+            return None
+        return np.degrees(np.arctan(self.eccentricity.astype(np.float64) / self.focal_px)).astype(np.float32)
 
     def magnification(self, eccentricity: np.ndarray) -> np.ndarray:
         """M(e) [patches per px] at the given eccentricities [px]."""
@@ -252,6 +276,7 @@ def foveated_layout_multi(
         fixations=points.astype(np.float32),
         weights=shares.astype(np.float32),
         region_m0=np.asarray(m0s, dtype=np.float64),
+        focal_px=focal_px,
     )
 
 
@@ -311,6 +336,105 @@ def _owned_or_free(x, y, e0, rank, region, points) -> np.ndarray:
         inside = (x - points[k, 0]) ** 2 + (y - points[k, 1]) ** 2 < e0 * e0
         owner[inside] = k
     return (owner == -1) | (owner == region)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaptiveBudgetConfig:
+    """Token budget that follows scene complexity and a latency target.
+
+    Attributes:
+        enabled: when false the budget is ``FoveationConfig.num_tokens`` on every frame.
+        min_tokens, max_tokens: the budget's range.
+        step: budgets are multiples of ``step`` (within the range), so an encoder captures at
+            most ``(max - min) / step + 1`` CUDA graphs.
+        latency_target_ms: the vision stage (sampling + encoding) should take at most this [ms].
+        ewma_alpha: weight of the newest latency sample in its exponentially weighted average.
+        textured_std: grey-level standard deviation [0-255] above which a 16-px block of the
+            quarter-resolution image counts as textured (see :func:`scene_complexity`).
+    """
+
+    enabled: bool = False
+    min_tokens: int = 128
+    max_tokens: int = 512
+    step: int = 32
+    latency_target_ms: float = 10.0
+    ewma_alpha: float = 0.2
+    textured_std: float = 12.0
+
+    def __post_init__(self):
+        for name in ("min_tokens", "max_tokens", "step"):
+            value = getattr(self, name)
+            if not is_int(value) or not 1 <= value <= 16384:
+                raise ValueError(f"foveation.adaptive.{name}={value!r}: must be an integer in [1, 16384]")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"foveation.adaptive.min_tokens={self.min_tokens}: must not exceed max_tokens={self.max_tokens}"
+            )
+        for name, high in (("latency_target_ms", 1e4), ("ewma_alpha", 1.0), ("textured_std", 255.0)):
+            value = getattr(self, name)
+            if not is_real(value) or not 0.0 < value <= high:
+                raise ValueError(f"foveation.adaptive.{name}={value!r}: must be in (0, {high}]")
+
+
+def scene_complexity(gray: np.ndarray, textured_std: float = 12.0) -> float:
+    """Share of the image that holds detail, in [0, 1].
+
+    The frame is area-downsampled 4x and cut into 16 x 16 blocks (64 px at full resolution); the
+    result is the share of blocks whose grey-level standard deviation exceeds ``textured_std``.
+    A bare wall gives 0, a cluttered table close to 1.
+
+    Args:
+        gray: (H, W) uint8 grey image.
+        textured_std: threshold [grey levels].
+    """
+    small = cv2.resize(gray, (max(1, gray.shape[1] // 4), max(1, gray.shape[0] // 4)), interpolation=cv2.INTER_AREA)
+    h, w = (small.shape[0] // 16) * 16, (small.shape[1] // 16) * 16
+    if h == 0 or w == 0:
+        return float(small.std() > textured_std)
+    blocks = small[:h, :w].astype(np.float32).reshape(h // 16, 16, w // 16, 16)
+    return float((blocks.std(axis=(1, 3)) > textured_std).mean())
+
+
+class AdaptiveBudget:
+    """Chooses each frame's token budget.
+
+    The complexity target is ``min + complexity * (max - min)``. The latency cap is
+    ``latency_target / cost``, where ``cost`` [ms per token] is the exponentially weighted
+    average of each measured latency divided by the budget it was measured at (encoder cost
+    grows about linearly with tokens at these sizes), so a slow stage sheds tokens and a fast one
+    regains them up to the complexity target. The result is rounded down to a multiple of
+    ``step`` and clamped to the range, which keeps the set of CUDA graphs small.
+
+    Example:
+        >>> budget = AdaptiveBudget(AdaptiveBudgetConfig(enabled=True), initial=273)
+        >>> budget.tokens, budget.update(1.0, latency_ms=5.0), budget.update(1.0, latency_ms=40.0)
+        (256, 512, 320)
+    """
+
+    def __init__(self, cfg: AdaptiveBudgetConfig, initial: int):
+        self.cfg = cfg
+        self.tokens = self._quantise(initial)
+        self.cost_ms_per_token: float | None = None
+
+    def _quantise(self, tokens: float) -> int:
+        cfg = self.cfg
+        stepped = int(tokens // cfg.step) * cfg.step
+        return int(min(max(stepped, cfg.min_tokens), cfg.max_tokens))
+
+    def update(self, complexity: float, latency_ms: float | None) -> int:
+        """Fold in one frame's complexity in [0, 1] and the latency [ms] of the vision stage at the
+        current budget (None when nothing was encoded); returns the next budget."""
+        cfg = self.cfg
+        if latency_ms is not None and math.isfinite(latency_ms) and latency_ms > 0:
+            cost = latency_ms / self.tokens
+            if self.cost_ms_per_token is not None:
+                cost = (1 - cfg.ewma_alpha) * self.cost_ms_per_token + cfg.ewma_alpha * cost
+            self.cost_ms_per_token = cost
+        target = cfg.min_tokens + min(max(complexity, 0.0), 1.0) * (cfg.max_tokens - cfg.min_tokens)
+        if self.cost_ms_per_token is not None:
+            target = min(target, cfg.latency_target_ms / self.cost_ms_per_token)
+        self.tokens = self._quantise(target)
+        return self.tokens
 
 
 def make_example() -> FoveatedLayout:

@@ -1,21 +1,37 @@
-"""Per-frame orchestration: flow -> motion analysis -> fixation -> texture pyramid -> foveated sampling.
+"""Per-frame orchestration: flow -> motion analysis -> fixation -> temporal coherence -> texture
+pyramid -> foveated sampling -> encoder.
 
-One :class:`FoveaPipeline` owns the stages' state (previous frame, fixation filter, texture) and
-reports how long each stage took. It is ROS-free: the node feeds it decoded frames and publishes
-what it returns; tests and benchmarks drive it directly.
+One :class:`FoveaPipeline` owns the stages' state (previous frame, fixation filter, texture, token
+cache) and reports how long each stage took. It is ROS-free: the node feeds it decoded frames and
+publishes what it returns; tests and benchmarks drive it directly.
+
+The texture is updated as :mod:`fovea_vla.core.coherence` decides: fully, over dirty tiles only,
+or not at all; on a static frame whose fixations did not move, sampling and encoding are skipped
+and the previous frame's patches and tokens are returned again (``tokens_reused``).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from fovea_vla.core.coherence import CoherenceConfig, TemporalCoherence, TextureDecision
+from fovea_vla.core.encoder import EncoderConfig, FoveatedEncoder
 from fovea_vla.core.fixation import FixationConfig, FixationController, FixationState
 from fovea_vla.core.flow import FlowConfig, FlowResult, make_flow
 from fovea_vla.core.flow.motion import MotionAnalysis, MotionAnalyzer, MotionConfig
-from fovea_vla.core.foveation import FoveatedLayout, FoveationConfig, foveated_layout, foveated_layout_multi
+from fovea_vla.core.foveation import (
+    AdaptiveBudget,
+    AdaptiveBudgetConfig,
+    FoveatedLayout,
+    FoveationConfig,
+    foveated_layout,
+    foveated_layout_multi,
+    scene_complexity,
+)
 from fovea_vla.core.frames import Frame, rgb_to_gray
 from fovea_vla.core.registry import BackendSelection
 from fovea_vla.core.slip import SlipEvent
@@ -41,6 +57,11 @@ class PipelineConfig:
             budget over all simultaneous fixations.
         slip: grasp-slip stage (its own full-resolution flow on a crop around the grasp), or
             None for off.
+        coherence: what of the texture and the tokens is recomputed per frame.
+        adaptive_budget: token budget from scene complexity and a latency target; when off,
+            ``foveation.num_tokens`` on every frame.
+        encoder: the foveated ViT that turns the patches into tokens, or None to stop at the
+            patches.
     """
 
     flow: FlowConfig = field(default_factory=lambda: FlowConfig(grid=4, preset="ultrafast", scale=0.5))
@@ -50,8 +71,16 @@ class PipelineConfig:
     foveation: FoveationConfig = field(default_factory=FoveationConfig)
     fixation: FixationConfig = field(default_factory=FixationConfig)
     slip: SlipStageConfig | None = None
+    coherence: CoherenceConfig = field(default_factory=CoherenceConfig)
+    adaptive_budget: AdaptiveBudgetConfig = field(default_factory=AdaptiveBudgetConfig)
+    encoder: EncoderConfig | None = None
 
     def __post_init__(self):
+        if self.encoder is not None and self.encoder.patch_size != self.foveation.patch_size:
+            raise ValueError(
+                f"encoder.patch_size={self.encoder.patch_size}: must equal foveation.patch_size="
+                f"{self.foveation.patch_size}"
+            )
         if self.motion.tile_size % self.flow.grid:
             raise ValueError(
                 f"motion.tile_size={self.motion.tile_size}: must be a multiple of flow.grid={self.flow.grid}"
@@ -81,6 +110,15 @@ class PipelineOutput:
         flow_grid: block side [px] of ``flow``.
         timing_ms: per-stage wall time [ms], including "total".
         slip: the slip stage's event for this frame (onset / ongoing / cleared), or None.
+        decision: the temporal-coherence decision for this frame (see
+            :mod:`fovea_vla.core.coherence`).
+        dirty_fraction: share of tiles that differed from the texture, in [0, 1].
+        tokens_reused: ``layout`` and ``patches`` (and ``tokens``) are the cached ones of an
+            earlier frame whose texture this frame left unchanged.
+        tokens_stamp_ns: capture stamp [ns] of the frame ``patches`` were sampled on.
+        tokens: torch.Tensor (N, D) encoder tokens in layout order on the encoder's device, or
+            None without an encoder.
+        cls_token: torch.Tensor (D,) the class token's output, or None.
     """
 
     stamp_ns: int
@@ -99,6 +137,34 @@ class PipelineOutput:
     flow_grid: int
     timing_ms: dict[str, float]
     slip: SlipEvent | None = None
+    decision: str = "first"
+    dirty_fraction: float = 1.0
+    tokens_reused: bool = False
+    tokens_stamp_ns: int = 0
+    tokens: object = None
+    cls_token: object = None
+
+
+@dataclass(frozen=True)
+class _TokenCache:
+    """Sampling results kept for reuse on static frames."""
+
+    centres: np.ndarray  # (K, 2) fixation positions [px] the layout was built around
+    weights: tuple[float, ...]
+    focal_px: float | None
+    layout: FoveatedLayout
+    patches: object
+    tokens: object
+    cls_token: object
+    stamp_ns: int
+
+    def serves(self, centres: np.ndarray, weights, focal_px: float | None, max_shift_px: float) -> bool:
+        return (
+            centres.shape == self.centres.shape
+            and tuple(weights) == self.weights
+            and focal_px == self.focal_px
+            and float(np.abs(centres - self.centres).max()) <= max_shift_px
+        )
 
 
 class FoveaPipeline:
@@ -116,6 +182,15 @@ class FoveaPipeline:
             self._slip = SlipStage(self.cfg.slip)
             self.backends["slip_flow"] = self._slip.backend
         self._texture, self.backends["texture"] = make_texture(self.cfg.texture)
+        self.encoder = FoveatedEncoder(self.cfg.encoder) if self.cfg.encoder is not None else None
+        self._coherence = TemporalCoherence(self.cfg.coherence)
+        self._cache: _TokenCache | None = None
+        # Frames per coherence decision, and frames whose tokens came from the cache.
+        self.decision_counts: Counter[str] = Counter()
+        self.frames_reused = 0
+        self._budget = None
+        if self.cfg.adaptive_budget.enabled:
+            self._budget = AdaptiveBudget(self.cfg.adaptive_budget, self.cfg.foveation.num_tokens)
         self._fixation: FixationController | None = None
         self._prev_gray: np.ndarray | None = None
         # A fixation request (kind, x, y, hold_s), applied at the next processed frame's time.
@@ -130,6 +205,8 @@ class FoveaPipeline:
         """Forget the previous frame and the fixation history (e.g. after a camera switch)."""
         self._prev_gray = None
         self._fixation = None
+        self._coherence.reset()
+        self._cache = None
         self._motion.reset()
         if self._flow is not None:
             self._flow.reset()
@@ -240,24 +317,52 @@ class FoveaPipeline:
         timing["fixation"] = (time.perf_counter() - t) * 1e3
 
         t = time.perf_counter()
-        self._texture.upload(frame.rgb)
-        timing["pyramid"] = (time.perf_counter() - t) * 1e3
+        if gray is None:
+            gray = rgb_to_gray(frame.rgb)
+        decision = self._coherence.decide(gray, now_s, is_cut=cut)
+        self.decision_counts[decision.kind] += 1
+        timing["coherence"] = (time.perf_counter() - t) * 1e3
+        self._update_texture(frame.rgb, decision, timing)
 
-        t = time.perf_counter()
         # The layout samples this frame, so it is built around the capture-time positions.
-        if len(fixation_set.fixations) > 1:
-            centres = [(f.filtered_x, f.filtered_y) for f in fixation_set.fixations]
-            layout = foveated_layout_multi(
-                self.cfg.foveation, width, height, centres, fixation_set.weights, focal_px=focal_px
-            )
+        centres = np.array([(f.filtered_x, f.filtered_y) for f in fixation_set.fixations], dtype=np.float64)
+        weights = tuple(float(w) for w in fixation_set.weights)
+        cache = self._cache
+        foveation = self.cfg.foveation
+        if self._budget is not None:
+            foveation = replace(foveation, num_tokens=self._budget.tokens)
+        reuse = (
+            decision.kind == "static"
+            and cache is not None
+            and cache.layout.num_tokens == foveation.num_tokens
+            and cache.serves(centres, weights, focal_px, self.cfg.coherence.max_fixation_shift_px)
+        )
+        if reuse:
+            self.frames_reused += 1
+            layout, patches = cache.layout, cache.patches
         else:
-            centre = (fixation.filtered_x, fixation.filtered_y)
-            layout = foveated_layout(self.cfg.foveation, width, height, centre, focal_px=focal_px)
-        timing["layout"] = (time.perf_counter() - t) * 1e3
-
-        t = time.perf_counter()
-        patches = self._texture.sample(layout.centers, layout.sizes, layout.patch_size)
-        timing["sampling"] = (time.perf_counter() - t) * 1e3
+            t = time.perf_counter()
+            if len(centres) > 1:
+                layout = foveated_layout_multi(foveation, width, height, centres, weights, focal_px=focal_px)
+            else:
+                layout = foveated_layout(foveation, width, height, centres[0], focal_px=focal_px)
+            timing["layout"] = (time.perf_counter() - t) * 1e3
+            t = time.perf_counter()
+            patches = self._texture.sample(layout.centers, layout.sizes, layout.patch_size)
+            timing["sampling"] = (time.perf_counter() - t) * 1e3
+            tokens = cls_token = None
+            if self.encoder is not None:
+                encoded = self.encoder.encode(patches, layout.centers, layout.levels, (width, height))
+                tokens, cls_token = encoded.tokens, encoded.cls
+                timing["encoder"] = encoded.timing_ms
+                if encoded.device_ms is not None:
+                    timing["encoder_gpu"] = encoded.device_ms
+            cache = self._cache = _TokenCache(
+                centres, weights, focal_px, layout, patches, tokens, cls_token, frame.stamp_ns
+            )
+        if self._budget is not None:
+            vision_ms = None if reuse else timing["sampling"] + timing.get("encoder", 0.0)
+            self._budget.update(scene_complexity(gray, self.cfg.adaptive_budget.textured_std), vision_ms)
         timing["total"] = (time.perf_counter() - start) * 1e3
         return PipelineOutput(
             stamp_ns=frame.stamp_ns,
@@ -276,7 +381,25 @@ class FoveaPipeline:
             motion=motion,
             flow_grid=self.cfg.flow.grid,
             timing_ms=timing,
+            decision=decision.kind,
+            dirty_fraction=decision.dirty_fraction,
+            tokens_reused=reuse,
+            tokens_stamp_ns=cache.stamp_ns,
+            tokens=cache.tokens,
+            cls_token=cache.cls_token,
         )
+
+    def _update_texture(self, rgb: np.ndarray, decision: TextureDecision, timing: dict[str, float]) -> None:
+        t = time.perf_counter()
+        if decision.uploads_all:
+            self._texture.upload(rgb)
+            timing["upload"] = (time.perf_counter() - t) * 1e3
+        elif decision.kind == "partial":
+            self._texture.upload_rects(rgb, decision.rects)
+            timing["upload"] = (time.perf_counter() - t) * 1e3
+            t = time.perf_counter()
+            self._texture.rebuild_mips(decision.rects)
+            timing["mips"] = (time.perf_counter() - t) * 1e3
 
 
 def make_example() -> tuple[FoveaPipeline, list[Frame]]:

@@ -20,10 +20,12 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, JointState
 from std_msgs.msg import Bool, Header, String
 from visualization_msgs.msg import MarkerArray
 
+from fovea_vla.core.coherence import CoherenceConfig
+from fovea_vla.core.encoder import ARCHITECTURES, EncoderConfig
 from fovea_vla.core.fixation import FixationConfig
 from fovea_vla.core.flow import FlowConfig
 from fovea_vla.core.flow.motion import MotionConfig
-from fovea_vla.core.foveation import FoveationConfig
+from fovea_vla.core.foveation import AdaptiveBudgetConfig, FoveationConfig
 from fovea_vla.core.frames import FrameError
 from fovea_vla.core.overlay import draw_overlay
 from fovea_vla.core.pipeline import FoveaPipeline, PipelineConfig, PipelineOutput
@@ -120,7 +122,55 @@ PARAMS: tuple[ParamSpec, ...] = (
         "Torch threads when the texture runs on the CPU (1 avoids oversubscribing shared cores); 0 = torch default.",
         range=(0, 1024),
     ),
+    ParamSpec(
+        "texture.max_levels",
+        8,
+        "Most mip levels kept (level 0 included); coarser footprints sample the top level.",
+        range=(1, 16),
+    ),
+    ParamSpec("coherence.enabled", True, "Upload only dirty tiles and reuse tokens on static frames."),
+    ParamSpec("coherence.tile_size", 32, "Dirty-tile side [px].", range=(4, 512)),
+    ParamSpec(
+        "coherence.change_threshold",
+        3.0,
+        "Mean absolute grey-level difference from the texture above which a tile is re-uploaded; 0 = any change.",
+        range=(0.0, 255.0),
+    ),
+    ParamSpec(
+        "coherence.full_upload_fraction",
+        0.6,
+        "Share of dirty tiles above which the whole frame is uploaded.",
+        range=(0.01, 1.0),
+    ),
+    ParamSpec(
+        "coherence.max_token_age_s",
+        2.0,
+        "The texture is fully refreshed when its last full upload is older than this [s].",
+        range=(0.01, 3600.0),
+    ),
+    ParamSpec(
+        "coherence.max_fixation_shift_px",
+        0.5,
+        "Cached tokens are reused only while every fixation stays within this distance [px].",
+        range=(0.0, 10000.0),
+    ),
     ParamSpec("foveation.num_tokens", 273, "Foveated patches per frame (token budget).", range=(1, 16384)),
+    ParamSpec(
+        "foveation.adaptive.enabled",
+        False,
+        "Adapt the token budget to scene complexity and a latency target (else num_tokens on every frame).",
+    ),
+    ParamSpec("foveation.adaptive.min_tokens", 128, "Smallest adaptive budget.", range=(1, 16384)),
+    ParamSpec("foveation.adaptive.max_tokens", 512, "Largest adaptive budget.", range=(1, 16384)),
+    ParamSpec(
+        "foveation.adaptive.step", 32, "Adaptive budgets are multiples of this (one CUDA graph each).", range=(1, 16384)
+    ),
+    ParamSpec(
+        "foveation.adaptive.latency_target_ms",
+        10.0,
+        "Target time of sampling + encoding [ms]; slower frames shed tokens.",
+        range=(0.1, 10000.0),
+    ),
     ParamSpec("foveation.patch_size", 16, "Samples per patch side.", range=(2, 64)),
     ParamSpec(
         "foveation.e0_fraction",
@@ -134,6 +184,27 @@ PARAMS: tuple[ParamSpec, ...] = (
         "Fovea size e0 in degrees, used when CameraInfo is known; 0 = use e0_fraction.",
         range=(0.0, 89.0),
     ),
+    ParamSpec("encoder.enabled", True, "Encode the foveated patches into tokens with the foveated ViT."),
+    ParamSpec(
+        "encoder.architecture",
+        "vit_base_patch16",
+        "ViT size (timm dims); a checkpoint must match it.",
+        choices=tuple(ARCHITECTURES),
+    ),
+    ParamSpec(
+        "encoder.checkpoint",
+        "",
+        "Local .safetensors ViT checkpoint (timm, Hugging Face or our own layout); empty = seeded random init.",
+    ),
+    ParamSpec("encoder.checkpoint_format", "auto", "Checkpoint key layout.", choices=("auto", "timm", "hf")),
+    ParamSpec(
+        "encoder.dtype",
+        "auto",
+        "Encoder precision; auto = float16 on CUDA, float32 on the CPU.",
+        choices=("auto", "float32", "float16", "bfloat16"),
+    ),
+    ParamSpec("encoder.device", "auto", "Torch device of the encoder: auto, cpu or cuda[:N]."),
+    ParamSpec("encoder.cuda_graphs", True, "Replay one CUDA graph per token budget (CUDA only)."),
     ParamSpec(
         "fixation.window_fraction",
         0.15,
@@ -297,10 +368,12 @@ _FIXATION_FIELDS = tuple(
 )
 
 _DECISIONS = {
+    "first": PipelineStats.DECISION_FIRST,
     "static": PipelineStats.DECISION_STATIC,
     "partial": PipelineStats.DECISION_PARTIAL,
     "full": PipelineStats.DECISION_FULL,
     "cut": PipelineStats.DECISION_CUT,
+    "refresh": PipelineStats.DECISION_REFRESH,
 }
 
 
@@ -332,6 +405,22 @@ def pipeline_config(values: dict) -> PipelineConfig:
                 backend=values["texture.backend"],
                 device=values["texture.device"],
                 cpu_threads=values["texture.cpu_threads"],
+                max_levels=values["texture.max_levels"],
+            ),
+            coherence=CoherenceConfig(
+                enabled=values["coherence.enabled"],
+                tile_size=values["coherence.tile_size"],
+                change_threshold=values["coherence.change_threshold"],
+                full_upload_fraction=values["coherence.full_upload_fraction"],
+                max_token_age_s=values["coherence.max_token_age_s"],
+                max_fixation_shift_px=values["coherence.max_fixation_shift_px"],
+            ),
+            adaptive_budget=AdaptiveBudgetConfig(
+                enabled=values["foveation.adaptive.enabled"],
+                min_tokens=values["foveation.adaptive.min_tokens"],
+                max_tokens=values["foveation.adaptive.max_tokens"],
+                step=values["foveation.adaptive.step"],
+                latency_target_ms=values["foveation.adaptive.latency_target_ms"],
             ),
             foveation=FoveationConfig(
                 num_tokens=values["foveation.num_tokens"],
@@ -339,6 +428,16 @@ def pipeline_config(values: dict) -> PipelineConfig:
                 e0_fraction=values["foveation.e0_fraction"],
                 e0_deg=values["foveation.e0_deg"] or None,
             ),
+            encoder=EncoderConfig(
+                architecture=values["encoder.architecture"],
+                checkpoint=values["encoder.checkpoint"] or None,
+                checkpoint_format=values["encoder.checkpoint_format"],
+                dtype=values["encoder.dtype"],
+                device=values["encoder.device"],
+                cuda_graphs=values["encoder.cuda_graphs"],
+            )
+            if values["encoder.enabled"]
+            else None,
             slip=None
             if not values["slip.enabled"]
             else SlipStageConfig(
@@ -612,9 +711,14 @@ class FoveaNode(Node):
             frames_received=self.frames_received,
             frames_processed=self.frames_processed,
             drops=[DropCount(reason=r, count=c) for r, c in self.drops.items()],
-            decision=_DECISIONS[output.motion.change] if output.motion else PipelineStats.DECISION_NONE,
+            decision=_DECISIONS[output.decision],
+            decision_counts=[self.pipeline.decision_counts[kind] for kind in sorted(_DECISIONS, key=_DECISIONS.get)],
+            dirty_fraction=float(output.dirty_fraction),
             changed_fraction=float(output.motion.changed_fraction) if output.motion else 0.0,
             num_tokens=output.layout.num_tokens,
+            tokens_reused=output.tokens_reused,
+            frames_reused=self.pipeline.frames_reused,
+            token_age_ms=(output.stamp_ns - output.tokens_stamp_ns) * 1e-6,
             stages=stages,
             backends=[
                 BackendChoice(stage=s, backend=c.name, reason=c.reason) for s, c in self.pipeline.backends.items()

@@ -119,12 +119,14 @@ def test_frames_in_fixation_markers_stats_out_with_capture_stamps(ros_probe, raw
     for stats in outputs.stats:
         assert stamp_to_ns(stats.header.stamp) in sent
         assert stats.num_tokens == 273
-        assert {"pyramid", "sampling", "total"} <= {s.stage for s in stats.stages}
+        assert {"coherence", "upload", "sampling", "total"} <= {s.stage for s in stats.stages}
         assert {b.stage: b.backend for b in stats.backends} == {"flow": "dis", "texture": "torch"}
     assert outputs.stats[-1].frames_processed >= 8
-    # From the second frame on there is flow, motion analysis and a frame decision.
+    # From the second frame on there is flow and motion analysis; every frame gets a decision.
     assert {"flow", "motion", "fixation"} <= {s.stage for s in outputs.stats[-1].stages}
-    assert outputs.stats[-1].decision != PipelineStats.DECISION_NONE
+    assert outputs.stats[0].decision == PipelineStats.DECISION_FIRST
+    assert outputs.stats[-1].decision != PipelineStats.DECISION_FIRST
+    assert sum(outputs.stats[-1].decision_counts) == outputs.stats[-1].frames_processed
 
     # Markers: cleared once first, then stable namespaces and ids on every frame, all stamped.
     assert outputs.markers[0].markers[0].action == Marker.DELETEALL

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import doctest
+
 import cv2
 import numpy as np
 import pytest
 
 from fovea_vla.core.foveation import FoveationConfig, foveated_layout
-from fovea_vla.core.texture import TextureConfig, make_texture
+from fovea_vla.core.texture import TextureConfig, base, make_texture
 from fovea_vla.core.texture.reference import reference_pyramid, reference_sample
 
 # fp32 pyramid and interpolation against float64: relative error far below 1e-3.
 RTOL = 1e-4
 
 
-def _torch_texture():
-    texture, selection = make_texture(TextureConfig(backend="torch", device="cpu"))
+def _torch_texture(**overrides):
+    texture, selection = make_texture(TextureConfig(backend="torch", device="cpu", **overrides))
     assert selection.name == "torch"
     return texture
 
@@ -25,7 +27,7 @@ def _check(rgb: np.ndarray, seed: int) -> None:
     height, width = rgb.shape[:2]
     texture = _torch_texture()
     texture.upload(rgb)
-    levels = reference_pyramid(rgb)
+    levels = reference_pyramid(rgb, TextureConfig().max_levels)
     assert [tuple(lvl.shape[-2:]) for lvl in texture.levels] == [lvl.shape[:2] for lvl in levels]
     layout = foveated_layout(FoveationConfig(), width, height, rng.uniform([0, 0], [width - 1, height - 1]))
     centers = layout.centers + rng.uniform(-4, 4, layout.centers.shape)
@@ -88,6 +90,108 @@ def test_device_validation_names_field():
         TextureConfig(device="tpu")
 
 
+def test_doctests():
+    assert doctest.testmod(base).failed == 0
+
+
+def _changed_frame(rgb: np.ndarray, rng, fraction: float, tile: int) -> tuple[np.ndarray, np.ndarray]:
+    """A copy of ``rgb`` with a random ``fraction`` of its tiles replaced, and rectangles covering them."""
+    height, width = rgb.shape[:2]
+    tiles = rng.random((-(-height // tile), -(-width // tile))) < fraction
+    rects = base.tiles_to_rects(tiles, tile, width, height)
+    changed = rgb.copy()
+    for x0, y0, x1, y1 in rects:
+        changed[y0:y1, x0:x1] = rng.integers(0, 256, (y1 - y0, x1 - x0, 3))
+    return changed, rects
+
+
+@pytest.mark.parametrize(("height", "width", "tile"), [(197, 333, 32), (480, 640, 32), (37, 53, 16), (250, 130, 48)])
+def test_incremental_update_equals_full_upload(height, width, tile):
+    """Dirty rectangles (on any tile grid, the backend's own or not) re-uploaded and their mips
+    rebuilt give bit-for-bit the pyramid and samples of a full upload of the new frame."""
+    rng = np.random.default_rng(height + width + tile)
+    first = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    second, rects = _changed_frame(first, rng, 0.2, tile)
+    assert len(rects) > 0
+    incremental, full = _torch_texture(), _torch_texture()
+    incremental.upload(first)
+    incremental.upload_rects(second, rects)
+    incremental.rebuild_mips(rects)
+    full.upload(second)
+    assert incremental.num_levels == full.num_levels
+    for mine, theirs in zip(incremental.levels, full.levels, strict=True):
+        assert np.array_equal(mine.numpy(), theirs.numpy())
+    centers = rng.uniform([-10, -10], [width + 10, height + 10], (300, 2))
+    sizes = rng.uniform(4, 600, 300)
+    assert np.array_equal(incremental.sample(centers, sizes, 16).numpy(), full.sample(centers, sizes, 16).numpy())
+
+
+def test_rects_only_touch_their_region():
+    """Level 0 changes only where uploaded; coarser levels only after rebuild_mips."""
+    rng = np.random.default_rng(7)
+    first = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    second = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    texture = _torch_texture()
+    texture.upload(first)
+    before = [lvl.clone() for lvl in texture.levels]
+    texture.upload_rects(second, np.array([[32, 64, 64, 96]]))
+    level0 = texture.levels[0][0].permute(1, 2, 0).numpy() * 255.0
+    np.testing.assert_allclose(level0[64:96, 32:64], second[64:96, 32:64], atol=1e-3)
+    np.testing.assert_allclose(level0[:64], first[:64], atol=1e-3)
+    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(before[1:], texture.levels[1:], strict=True))
+    texture.rebuild_mips(np.array([[32, 64, 64, 96]]))
+    level1 = texture.levels[1][0].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(level1[:32], before[1][0].permute(1, 2, 0).numpy()[:32])
+    assert not np.array_equal(level1[32:48, 16:32], before[1][0].permute(1, 2, 0).numpy()[32:48, 16:32])
+
+
+def test_max_levels_caps_the_pyramid():
+    rng = np.random.default_rng(8)
+    rgb = rng.integers(0, 256, (120, 200, 3), dtype=np.uint8)
+    texture = _torch_texture(max_levels=3)
+    texture.upload(rgb)
+    assert [tuple(lvl.shape[-2:]) for lvl in texture.levels] == [(120, 200), (60, 100), (30, 50)]
+    # Footprints beyond the top level sample the top level, as the reference does.
+    centers, sizes = np.array([[100.0, 60.0]]), np.array([400.0])
+    expected = reference_sample(reference_pyramid(rgb, 3), centers, sizes, 16)
+    np.testing.assert_allclose(texture.sample(centers, sizes, 16).numpy(), expected, atol=1e-5)
+
+
+def test_bad_rects_and_order_are_refused():
+    rng = np.random.default_rng(9)
+    rgb = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    texture = _torch_texture()
+    with pytest.raises(RuntimeError, match="before upload"):
+        texture.upload_rects(rgb, np.array([[0, 0, 8, 8]]))
+    texture.upload(rgb)
+    for bad in ([[0, 0, 61, 8]], [[5, 5, 5, 9]], [[-1, 0, 4, 4]], [[0.5, 0, 4, 4]]):
+        with pytest.raises(ValueError, match="rects"):
+            texture.upload_rects(rgb, np.array(bad))
+    with pytest.raises(ValueError, match="60x40"):
+        texture.upload_rects(rgb[:20], np.array([[0, 0, 4, 4]]))
+    with pytest.raises(ValueError, match=r"texture\.max_levels=0"):
+        TextureConfig(max_levels=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("height", "width"), [(1080, 1920), (197, 333)])
+def test_cuda_incremental_update_equals_full_upload(height, width):
+    rng = np.random.default_rng(width)
+    first = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    second, rects = _changed_frame(first, rng, 0.1, 32)
+    incremental, _ = make_texture(TextureConfig(backend="torch", device="cuda"))
+    full, _ = make_texture(TextureConfig(backend="torch", device="cuda"))
+    incremental.upload(first)
+    incremental.upload_rects(second, rects)
+    incremental.rebuild_mips(rects)
+    full.upload(second)
+    layout = foveated_layout(FoveationConfig(), width, height, (0.3 * width, 0.6 * height))
+    got = incremental.sample(layout.centers, layout.sizes, 16)
+    expected = full.sample(layout.centers, layout.sizes, 16)
+    assert got.device.type == "cuda"
+    assert (got - expected).abs().max().item() <= 1e-6
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(("height", "width"), [(480, 640), (1080, 1920), (101, 99)])
 def test_cuda_texture_matches_reference(height, width):
@@ -102,7 +206,7 @@ def test_cuda_texture_matches_reference(height, width):
     got = texture.sample(layout.centers, sizes, 16)
     assert got.device.type == "cuda"
     got = got.cpu().numpy()
-    expected = reference_sample(reference_pyramid(rgb), layout.centers, sizes, 16)
+    expected = reference_sample(reference_pyramid(rgb, TextureConfig().max_levels), layout.centers, sizes, 16)
     # TF32 is off for these ops (no matmul), so fp32 accuracy applies.
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < RTOL
     assert torch.cuda.is_available()

@@ -58,7 +58,7 @@ import numpy as np
 from fovea_vla.core._validation import is_int, is_real
 from fovea_vla.core.flow.base import FlowResult, grid_shape
 
-__all__ = ["EGO_MODELS", "MotionAnalysis", "MotionAnalyzer", "MotionConfig", "make_example"]
+__all__ = ["EGO_MODELS", "MotionAnalysis", "MotionAnalyzer", "MotionConfig", "make_example", "tile_sums"]
 
 EGO_MODELS = ("translation", "affine", "homography")
 
@@ -318,7 +318,7 @@ class MotionAnalyzer:
         residual = flow - ego_flow
         magnitude = cv2.magnitude(residual[..., 0], residual[..., 1])
         diff = cv2.absdiff(prev_gray, cur_gray)
-        tile_photometric = (_tile_sums(diff, cfg.tile_size) / self._tile_pixels).astype(np.float32)
+        tile_photometric = (tile_sums(diff, cfg.tile_size) / self._tile_pixels).astype(np.float32)
         tile_ego = _tile_ego_motion(ego, self._corner_x, self._corner_y)
         cut_photometric, cut_mismatch = self._cut_cues(prev_gray, cur_gray, flow)
         cut_score = min(cut_photometric / cfg.cut_photometric, cut_mismatch / cfg.cut_mismatch)
@@ -330,12 +330,12 @@ class MotionAnalyzer:
             candidates = magnitude > cfg.motion_threshold_px
             verified = self._verify(prev_gray, cur_gray, candidates, flow, ego_flow)
             moving = _opening(verified.view(np.uint8), self._kernel_side)
-        counts = _tile_sums(moving, step)
-        tile_motion = (_tile_sums(magnitude * moving, step) / np.maximum(counts, 1)).astype(np.float32)
+        counts = tile_sums(moving, step)
+        tile_motion = (tile_sums(magnitude * moving, step) / np.maximum(counts, 1)).astype(np.float32)
         # Tiles count what moving content covers in prev or in cur: an object's leading edge
         # lies on background blocks in prev, whose flow stays put.
         occupied = _with_landing_blocks(moving, flow, grid, width, height)
-        tile_fraction = (_tile_sums(occupied, step) / self._tile_blocks).astype(np.float32)
+        tile_fraction = (tile_sums(occupied, step) / self._tile_blocks).astype(np.float32)
         independent_tiles = tile_fraction >= cfg.tile_moving_fraction
 
         if is_cut:
@@ -377,8 +377,8 @@ class MotionAnalyzer:
         self._xs = _block_centres(width, grid)
         self._ys = _block_centres(height, grid)
         self._order = np.random.default_rng(cfg.seed).permutation(hg * wg)
-        self._tile_blocks = _tile_sums(np.ones((hg, wg), np.uint8), cfg.tile_size // grid)
-        self._tile_pixels = _tile_sums(np.ones((height, width), np.uint8), cfg.tile_size)
+        self._tile_blocks = tile_sums(np.ones((hg, wg), np.uint8), cfg.tile_size // grid)
+        self._tile_pixels = tile_sums(np.ones((height, width), np.uint8), cfg.tile_size)
         self._kernel_side = 0 if cfg.min_region_px == 0 else max(2, round(cfg.min_region_px / grid))
         if grid == 1:
             self._pixel_x, self._pixel_y = np.meshgrid(
@@ -552,7 +552,7 @@ def _block_centres(size: int, grid: int) -> np.ndarray:
     return ((starts + np.minimum(starts + grid, size) - 1) / 2.0).astype(np.float32)
 
 
-def _tile_sums(image: np.ndarray, step: int) -> np.ndarray:
+def tile_sums(image: np.ndarray, step: int) -> np.ndarray:
     """Sums of ``image`` over ``step x step`` tiles, the last row and column of tiles clipped.
 
     Args:
@@ -562,7 +562,7 @@ def _tile_sums(image: np.ndarray, step: int) -> np.ndarray:
     Returns:
         (ceil(H / step), ceil(W / step)) float64 sums.
 
-    >>> _tile_sums(np.ones((5, 7), np.uint8), 4)
+    >>> tile_sums(np.ones((5, 7), np.uint8), 4)
     array([[16., 12.],
            [ 4.,  3.]])
     """

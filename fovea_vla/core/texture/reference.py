@@ -13,14 +13,15 @@ from fovea_vla.core.texture.base import patch_sample_offsets
 __all__ = ["reference_pyramid", "reference_sample"]
 
 
-def reference_pyramid(rgb: np.ndarray) -> list[np.ndarray]:
+def reference_pyramid(rgb: np.ndarray, max_levels: int = 64) -> list[np.ndarray]:
     """Mip levels of an image by 2x2 box averaging, odd sizes padded by edge replication.
 
     Args:
         rgb: (H, W, C) image, any numeric dtype; uint8 is scaled to [0, 1].
+        max_levels: most levels returned, level 0 included.
 
     Returns:
-        Levels as (H_k, W_k, C) float64, from full resolution down to 1x1.
+        Levels as (H_k, W_k, C) float64, from full resolution down to 1x1 or ``max_levels``.
 
     Example:
         >>> [lvl.shape for lvl in reference_pyramid(np.zeros((5, 3, 3), np.uint8))]
@@ -30,7 +31,7 @@ def reference_pyramid(rgb: np.ndarray) -> list[np.ndarray]:
     if rgb.dtype == np.uint8:
         level /= 255.0
     levels = [level]
-    while max(level.shape[:2]) > 1:
+    while len(levels) < max_levels and max(level.shape[:2]) > 1:
         h, w = level.shape[:2]
         level = np.pad(level, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
         level = 0.25 * (level[0::2, 0::2] + level[1::2, 0::2] + level[0::2, 1::2] + level[1::2, 1::2])

@@ -1,0 +1,240 @@
+"""Benchmark of the vision stage: texture updates, sampling, the foveated ViT, token reuse.
+
+Stages under test, each timed with the device synchronised before and after (wall time a caller
+waits for, host work included), median over ``runs`` after ``warmup``:
+
+- every available texture backend at each resolution: full upload (level 0 and every mip),
+  partial upload of ``dirty_fraction`` of the 32-px tiles (random tiles), full mip rebuild,
+  incremental mip rebuild over those tiles, sampling the foveated layout (273 patches of 16x16);
+- the whole vision stage per backend: partial upload + incremental mips + sampling + encoder;
+- the encoder alone: the foveated tokens against the full-resolution grid of 1024x1024 (4,096
+  tokens of 16x16) through the same weights, CUDA graphs on the GPU, batch 1; eager too;
+- token reuse on a static-camera video through the whole pipeline (flow, coherence): the share
+  of frames per decision and of frames whose tokens came from the cache.
+
+Requirements: torch (CPU works; the GPU rows need CUDA, CuPy or EGL + cuda-python as each
+backend says). The video comes from ../shared/data (skipped when absent).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from fovea_vla.bench.common import summarize
+from fovea_vla.core.encoder import EncoderConfig, FoveatedEncoder, full_resolution_layout
+from fovea_vla.core.foveation import FoveationConfig, foveated_layout
+from fovea_vla.core.frames import Frame
+from fovea_vla.core.texture import TEXTURE_BACKENDS, TextureConfig, make_texture
+from fovea_vla.core.texture.base import tiles_to_rects
+
+__all__ = ["DEFAULT_VIDEO", "format_table", "run"]
+
+RESOLUTIONS = {"640x480": (640, 480), "1280x720": (1280, 720), "1920x1080": (1920, 1080)}
+# ../shared/data beside the checkout, or FOVEA_SHARED_DATA (as the tests use it).
+DEFAULT_VIDEO = (
+    Path(os.environ.get("FOVEA_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+    / "bgslibrary"
+    / "dataset"
+    / "video03.avi"
+)
+TILE = 32
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _time(body: Callable[[], object], device: str, runs: int, warmup: int, sync: Callable[[], None]) -> dict:
+    samples = []
+    for i in range(runs + warmup):
+        sync()
+        start = time.perf_counter()
+        body()
+        sync()
+        if i >= warmup:
+            samples.append((time.perf_counter() - start) * 1e3)
+    return summarize(samples)
+
+
+def _frames(width: int, height: int, dirty_fraction: float, seed: int):
+    """Two frames that differ in a random ``dirty_fraction`` of the tiles, and those tiles' rectangles."""
+    rng = np.random.default_rng(seed)
+    first = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    tiles = rng.random((-(-height // TILE), -(-width // TILE))) < dirty_fraction
+    rects = tiles_to_rects(tiles, TILE, width, height)
+    second = first.copy()
+    for x0, y0, x1, y1 in rects:
+        second[y0:y1, x0:x1] = rng.integers(0, 256, (y1 - y0, x1 - x0, 3))
+    return first, second, rects, float(tiles.mean())
+
+
+def _texture_rows(backend: str, device: str, width: int, height: int, args: dict, encoder) -> dict:
+    texture, _ = make_texture(TextureConfig(backend=backend, device=device))
+    sync = texture.synchronize
+    first, second, rects, dirty = _frames(width, height, args["dirty_fraction"], seed=width)
+    layout = foveated_layout(FoveationConfig(), width, height, (0.45 * width, 0.55 * height))
+    runs, warmup = args["runs"], args["warmup"]
+    texture.upload(first)
+    frames = (first, second)
+    counter = iter(range(10**9))
+
+    def partial_upload():
+        texture.upload_rects(frames[next(counter) % 2], rects)
+
+    def vision():
+        texture.upload_rects(frames[next(counter) % 2], rects)
+        texture.rebuild_mips(rects)
+        patches = texture.sample(layout.centers, layout.sizes, layout.patch_size)
+        if encoder is not None:
+            encoder.encode(patches, layout.centers, layout.levels, (width, height))
+
+    stages = {
+        "full upload + mips": _time(lambda: texture.upload(first), device, runs, warmup, sync),
+        f"partial upload ({dirty:.0%} tiles)": _time(partial_upload, device, runs, warmup, sync),
+        "full mips": _time(lambda: texture.rebuild_mips(None), device, runs, warmup, sync),
+        "incremental mips": _time(lambda: texture.rebuild_mips(rects), device, runs, warmup, sync),
+        f"sampling ({layout.num_tokens} patches)": _time(
+            lambda: texture.sample(layout.centers, layout.sizes, layout.patch_size), device, runs, warmup, sync
+        ),
+    }
+    if encoder is not None:
+        stages["vision stage (partial + mips + sampling + encoder)"] = _time(vision, device, runs, warmup, sync)
+    close = getattr(texture, "close", None)
+    if close is not None:
+        close()
+    return {"backend": backend, "device": texture.device, "dirty_tile_fraction": dirty, "stages": stages}
+
+
+def _encoder_rows(encoder: FoveatedEncoder, args: dict) -> dict:
+    import torch
+
+    device = str(encoder.device)
+    runs, warmup = args["encoder_runs"], args["encoder_warmup"]
+    width, height = RESOLUTIONS["1920x1080"]
+    layout = foveated_layout(FoveationConfig(), width, height, (0.45 * width, 0.55 * height))
+    grid_centers, _, grid_levels = full_resolution_layout(1024, 1024, 16)
+    cases = {
+        f"foveated {layout.num_tokens} tokens": (layout.centers, layout.levels, (width, height)),
+        f"full resolution {len(grid_centers)} tokens (1024x1024)": (grid_centers, grid_levels, (1024, 1024)),
+    }
+    rows = {}
+    for name, (centers, levels, size) in cases.items():
+        patches = torch.rand((len(centers), 3, 16, 16), device=device)
+        device_ms = []
+
+        def body(patches=patches, centers=centers, levels=levels, size=size, device_ms=device_ms):
+            out = encoder.encode(patches, centers, levels, size)
+            if out.device_ms is not None:
+                device_ms.append(out.device_ms)
+
+        rows[name] = _time(body, device, runs, warmup, lambda: _synchronize(device))
+        if device_ms:
+            rows[name]["device_p50_ms"] = float(np.median(device_ms[warmup:]))
+    return rows
+
+
+def _reuse_rows(video: Path, max_frames: int, device: str) -> dict:
+    from fovea_vla.core.pipeline import FoveaPipeline, PipelineConfig
+    from fovea_vla.core.sources import open_source
+
+    pipeline = FoveaPipeline(PipelineConfig(texture=TextureConfig(backend="torch", device=device)))
+    dirty = []
+    with open_source(str(video)) as source:
+        for index, item in enumerate(source):
+            if index >= max_frames:
+                break
+            out = pipeline.process(
+                Frame(
+                    rgb=item.rgb,
+                    stamp_ns=int((item.source_time_s if item.source_time_s is not None else index / 30) * 1e9),
+                    frame_id="camera",
+                )
+            )
+            dirty.append(out.dirty_fraction)
+    frames = sum(pipeline.decision_counts.values())
+    return {
+        "video": video.name,
+        "frames": frames,
+        "decisions": {kind: count / frames for kind, count in sorted(pipeline.decision_counts.items())},
+        "frames_reusing_tokens": pipeline.frames_reused / frames,
+        "mean_dirty_fraction": float(np.mean(dirty)),
+    }
+
+
+def run(
+    resolutions=("1280x720", "1920x1080"),
+    backends=None,
+    device: str = "auto",
+    architecture: str = "vit_base_patch16",
+    runs: int = 100,
+    warmup: int = 10,
+    encoder_runs: int | None = None,
+    dirty_fraction: float = 0.1,
+    video: Path | None = DEFAULT_VIDEO,
+    video_frames: int = 2000,
+) -> dict:
+    """Time every stage; returns a JSON-able dict (see :func:`format_table`)."""
+    texture_device = TextureConfig(device=device).resolved_device()
+    on_gpu = texture_device.startswith("cuda")
+    encoder = FoveatedEncoder(EncoderConfig(architecture=architecture, device=texture_device))
+    args = {
+        "runs": runs,
+        "warmup": warmup,
+        "dirty_fraction": dirty_fraction,
+        "encoder_runs": encoder_runs or (runs if on_gpu else 3),
+        "encoder_warmup": warmup if on_gpu else 1,
+    }
+    results: dict = {"architecture": architecture, "device": texture_device, "texture": {}, "skipped": {}}
+    for backend in backends or TEXTURE_BACKENDS.names():
+        ok, reason = TEXTURE_BACKENDS.availability(backend, named=True)
+        if not ok:
+            results["skipped"][backend] = reason
+            continue
+        for name in resolutions:
+            width, height = RESOLUTIONS[name]
+            # The whole vision stage runs with the encoder only on the GPU: on the CPU it is the
+            # encoder's time, measured on its own below.
+            results["texture"][f"{backend} {name}"] = _texture_rows(
+                backend, texture_device, width, height, args, encoder if on_gpu else None
+            )
+    results["encoder"] = _encoder_rows(encoder, args)
+    if video is not None and Path(video).is_file():
+        results["reuse"] = _reuse_rows(Path(video), video_frames, texture_device)
+    else:
+        results["skipped"]["reuse"] = f"video not found: {video}"
+    return results
+
+
+def format_table(results: dict) -> str:
+    lines = ["| backend / case | stage | p50 ms | p99 ms |", "|---|---|---|---|"]
+    for name, row in results["texture"].items():
+        for stage, s in row["stages"].items():
+            lines.append(f"| {name} ({row['device']}) | {stage} | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} |")
+    encoder_rows = results["encoder"]
+    for case, s in encoder_rows.items():
+        device = f", GPU {s['device_p50_ms']:.3f}" if "device_p50_ms" in s else ""
+        lines.append(
+            f"| {results['architecture']} ({results['device']}) | {case}{device} | {s['p50_ms']:.3f} | "
+            f"{s['p99_ms']:.3f} |"
+        )
+    foveated, full = (s["p50_ms"] for s in encoder_rows.values())
+    lines.append(f"| {results['architecture']} | full-resolution / foveated time | {full / foveated:.1f}x | |")
+    reuse = results.get("reuse")
+    if reuse:
+        shares = ", ".join(f"{kind} {share:.1%}" for kind, share in reuse["decisions"].items())
+        lines.append(
+            f"\nToken reuse on {reuse['video']} ({reuse['frames']} frames): {reuse['frames_reusing_tokens']:.1%} "
+            f"of frames reuse cached tokens; decisions: {shares}; "
+            f"mean dirty-tile share {reuse['mean_dirty_fraction']:.1%}."
+        )
+    for backend, reason in results["skipped"].items():
+        lines.append(f"\nSkipped {backend}: {reason}")
+    return "\n".join(lines)

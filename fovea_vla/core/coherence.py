@@ -1,0 +1,167 @@
+"""Temporal coherence: what of the texture and the tokens must be recomputed for a new frame.
+
+Every frame gets one decision:
+
+==========  ==============================================================================
+``first``   no texture yet (first frame, or after a reset): full upload, sample, encode
+``cut``     the flow's motion analysis saw a scene cut: full upload, sample, encode
+``refresh`` the texture's last full upload is older than ``max_token_age_s``: full upload,
+            sample, encode (bounds the drift that sub-threshold changes leave behind)
+``full``    more than ``full_upload_fraction`` of the tiles are dirty: full upload (one copy
+            beats many small ones), sample, encode
+``partial`` some tiles are dirty: upload those tiles, rebuild the mips over them, sample, encode
+``static``  no tile is dirty: nothing is uploaded; when the fixations also stay within
+            ``max_fixation_shift_px``, sampling and encoding are skipped and the cached tokens
+            are reused
+==========  ==============================================================================
+
+A tile is dirty when the mean absolute grey-level difference between the new frame and what
+the texture holds for that tile exceeds ``change_threshold``. Comparing against the texture's
+content, not the previous frame, means a slow change accumulates until it is uploaded instead
+of slipping under the threshold frame after frame. With ``change_threshold`` 0 every tile whose
+grey image changed at all is re-uploaded, so the texture equals a full upload of the frame.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fovea_vla.core._validation import is_int, is_real
+from fovea_vla.core.flow.motion import tile_sums
+from fovea_vla.core.texture.base import tiles_to_rects
+
+__all__ = ["DECISIONS", "CoherenceConfig", "TemporalCoherence", "TextureDecision"]
+
+DECISIONS = ("first", "static", "partial", "full", "cut", "refresh")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoherenceConfig:
+    """Temporal-coherence parameters.
+
+    Attributes:
+        enabled: when false every frame is a full upload, sample and encode (``full``).
+        tile_size: dirty-tile side [px, full resolution].
+        change_threshold: mean absolute grey-level difference [0-255] of a tile against the
+            texture's content above which the tile is re-uploaded. 0 re-uploads every tile whose
+            grey image changed at all.
+        full_upload_fraction: share of dirty tiles, in (0, 1], above which the whole frame is
+            uploaded instead.
+        max_token_age_s: the texture is fully refreshed (and the tokens re-encoded) when its last
+            full upload is older than this [s, capture time].
+        max_fixation_shift_px: cached tokens are reused only while every fixation stays within
+            this distance [px] of where the cached layout was built.
+    """
+
+    enabled: bool = True
+    tile_size: int = 32
+    change_threshold: float = 3.0
+    full_upload_fraction: float = 0.6
+    max_token_age_s: float = 2.0
+    max_fixation_shift_px: float = 0.5
+
+    def __post_init__(self):
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"coherence.enabled={self.enabled!r}: must be a bool")
+        if not is_int(self.tile_size) or not 4 <= self.tile_size <= 512:
+            raise ValueError(f"coherence.tile_size={self.tile_size!r}: must be an integer in [4, 512]")
+        checks = {
+            "change_threshold": (0.0, 255.0, True),
+            "full_upload_fraction": (0.0, 1.0, False),
+            "max_token_age_s": (0.0, 3600.0, False),
+            "max_fixation_shift_px": (0.0, 1e4, True),
+        }
+        for name, (low, high, low_inclusive) in checks.items():
+            value = getattr(self, name)
+            above = value >= low if low_inclusive else value > low
+            if not is_real(value) or not math.isfinite(value) or not above or value > high:
+                bracket = "[" if low_inclusive else "("
+                raise ValueError(f"coherence.{name}={value!r}: must be in {bracket}{low}, {high}]")
+
+
+@dataclass(frozen=True)
+class TextureDecision:
+    """What the texture stage does with one frame.
+
+    Attributes:
+        kind: one of :data:`DECISIONS`.
+        rects: (M, 4) int32 dirty rectangles (x0, y0, x1, y1) [px] to upload for ``partial``;
+            empty otherwise.
+        dirty_fraction: share of tiles that differ from the texture, in [0, 1] (1 for a full
+            upload of any kind).
+    """
+
+    kind: str
+    rects: np.ndarray
+    dirty_fraction: float
+
+    @property
+    def uploads_all(self) -> bool:
+        return self.kind in ("first", "cut", "refresh", "full")
+
+
+_NO_RECTS = np.zeros((0, 4), np.int32)
+
+
+class TemporalCoherence:
+    """Decides per frame what to upload, keeping a grey copy of what the texture holds."""
+
+    def __init__(self, cfg: CoherenceConfig | None = None):
+        self.cfg = cfg or CoherenceConfig()
+        self._held: np.ndarray | None = None  # (H, W) uint8 grey of the texture's content
+        self._last_full_s = -math.inf
+        self._tile_pixels: np.ndarray | None = None
+
+    def reset(self) -> None:
+        self._held = None
+        self._last_full_s = -math.inf
+
+    def decide(self, gray: np.ndarray, now_s: float, *, is_cut: bool = False) -> TextureDecision:
+        """Decide what to do with a frame and record that the texture will then hold it.
+
+        Args:
+            gray: (H, W) uint8 grey image of the new frame.
+            now_s: its capture time [s].
+            is_cut: the motion analysis saw a scene cut between the previous frame and this one.
+
+        Returns:
+            The decision. The caller must carry it out (the texture's content is assumed to
+            follow it).
+        """
+        cfg = self.cfg
+        if self._held is None or self._held.shape != gray.shape:
+            kind = "first"
+        elif is_cut:
+            kind = "cut"
+        elif not cfg.enabled:
+            kind = "full"
+        elif now_s - self._last_full_s > cfg.max_token_age_s:
+            kind = "refresh"
+        else:
+            kind = ""
+        if kind:
+            self._held = gray.copy()
+            self._last_full_s = now_s
+            return TextureDecision(kind, _NO_RECTS, 1.0)
+
+        height, width = gray.shape
+        step = cfg.tile_size
+        if self._tile_pixels is None or self._tile_pixels.shape != (-(-height // step), -(-width // step)):
+            self._tile_pixels = tile_sums(np.ones(gray.shape, np.uint8), step)
+        difference = np.abs(gray.astype(np.int16) - self._held).astype(np.uint8)
+        mean_difference = tile_sums(difference, step) / self._tile_pixels
+        dirty = mean_difference > cfg.change_threshold
+        fraction = float(dirty.mean())
+        if not dirty.any():
+            return TextureDecision("static", _NO_RECTS, 0.0)
+        if fraction > cfg.full_upload_fraction:
+            self._held = gray.copy()
+            self._last_full_s = now_s
+            return TextureDecision("full", _NO_RECTS, fraction)
+        rects = tiles_to_rects(dirty, step, width, height)
+        for x0, y0, x1, y1 in rects:
+            self._held[y0:y1, x0:x1] = gray[y0:y1, x0:x1]
+        return TextureDecision("partial", rects, fraction)
