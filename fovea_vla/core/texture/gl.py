@@ -7,9 +7,9 @@ Pipeline per frame (all GPU work in one GL context, no host read-back):
    packed one after another) into a persistently mapped staging buffer; an *unpack* compute pass
    reads them and writes level 0 of the texture (``imageStore``). Only the 3 bytes per pixel cross
    PCIe; the RGB -> RGBA expansion and the conversion to the texel format run on the GPU.
-   (``glTextureSubImage2D`` of RGB8 data, converted by the driver on the CPU, took 6.5 ms into
-   RGBA8 and 18 ms into RGBA32F for 1080p on an H100 host; ``glNamedBufferSubData`` into a staging
-   buffer 2.1 ms wall, the mapped buffer 0.9 ms.)
+   (For a 1080p frame on an H100 host, ``glTextureSubImage2D`` of RGB8 data, converted by the
+   driver on the CPU, took about 7 ms into RGBA8 and 17 ms into RGBA32F; ``glNamedBufferSubData``
+   into a staging buffer plus the unpack 2.1 ms wall; the mapped buffer plus the unpack 1.0 ms.)
 2. ``rebuild_mips``: a *downsample* pass per level reads level k-1 (``imageLoad``) and writes
    level k over a list of rectangles (the whole level, or the level-k footprints of the dirty
    level-0 rectangles, :func:`~fovea_vla.core.texture.base.level_rect`): one dispatch per level
@@ -42,14 +42,15 @@ Texel formats (``texel_format``). Bounds hold per level k (a sample is a convex 
 texels, so the top level's bound covers it); measured = max |sample - reference| over random
 frames on an H100 and on llvmpipe (the same to two digits):
 
-=======  ===========  ==============================================================  ========
-format   bytes/texel  bound at level k                                                measured
-=======  ===========  ==============================================================  ========
-rgba32f  16           fp32 rounding: 1e-5 (default)                                   8e-7
-rgba16f  8            (k + 1) * 2**-11: one fp16 ulp per level (both drivers            1.4e-3
-                      truncate, level 0 included)
-rgba8    4            k / 255: level 0 exact, one 8-bit rounding per level above it   6.9e-3
-=======  ===========  ==============================================================  ========
+=======  ===========  ===========================================  ========
+format   bytes/texel  bound at level k                             measured
+=======  ===========  ===========================================  ========
+rgba32f  16           1e-5 (fp32 rounding; the default)            8e-7
+rgba16f  8            (k + 1) * 2**-11 (one fp16 ulp per level)    1.4e-3
+rgba8    4            k / 255 (level 0 exact, one rounding above)  6.9e-3
+=======  ===========  ===========================================  ========
+
+Both drivers truncate when storing fp16 (level 0 of rgba16f is off by up to one ulp, 4.9e-4).
 
 At 1080p on an H100 the formats cost the same (GPU time: unpack 0.14 ms, full mip rebuild 0.04 to
 0.06 ms, 273 patches of 16x16 0.01 ms); rgba32f is the default for exactness, rgba16f / rgba8
@@ -950,7 +951,7 @@ class GlTexture:
                 self._view = None
             count = self._gl.sample(centers, sizes, patch_size)
             if count == 0:
-                return torch.empty((0, 3, patch_size, patch_size), device=self._device)
+                return torch.empty((0, 3, int(patch_size), int(patch_size)), device=self._device)
             if self._resource is None:
                 flags = cudart.cudaGraphicsRegisterFlags.cudaGraphicsRegisterFlagsNone
                 self._resource = _cuda(cudart, "cudaGraphicsGLRegisterBuffer", self._gl.samples.name, flags)
