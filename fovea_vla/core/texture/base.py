@@ -37,9 +37,11 @@ __all__ = [
     "tiles_to_rects",
 ]
 
+# cupy before gl: on the H100 a partial update + mips + sampling took 0.74 ms with cupy and 1.50 ms
+# with gl, whose GL -> CUDA hand-over alone costs ~0.33 ms per frame (docs/BENCHMARKS.md).
 TEXTURE_BACKENDS = BackendRegistry(
     "texture",
-    auto_order=("gl", "cupy", "torch"),
+    auto_order=("cupy", "gl", "torch"),
     modules=(
         "fovea_vla.core.texture.torch_pyramid",
         "fovea_vla.core.texture.cupy_texture",
