@@ -93,17 +93,27 @@ def _cmd_params(args) -> int:
     return 0
 
 
+def _report_bench(args, name: str, title: str, table: str, results: dict) -> int:
+    """Print a benchmark's table, write its JSON (``--json``) and append it to docs/BENCHMARKS.md."""
+    from fovea_vla.bench import common
+
+    print(table)
+    if getattr(args, "json", None):
+        Path(args.json).write_text(json.dumps({"machine": common.machine(), **results}, indent=1))
+        print(f"[bench] wrote {args.json}")
+    if not args.no_append:
+        command = f"fovea-vla bench {name} " + " ".join(sys.argv[3:])
+        path = common.append_results(title, command.strip(), table, results)
+        print(f"[bench] appended to {path}")
+    return 0
+
+
 def _cmd_bench(args) -> int:
-    from fovea_vla.bench import common, pipeline_node
+    from fovea_vla.bench import pipeline_node
 
     results = pipeline_node.run(frames=args.frames, resolutions=args.resolutions, device=args.device)
     table = pipeline_node.format_table(results)
-    print(table)
-    if not args.no_append:
-        command = "fovea-vla bench pipeline " + " ".join(sys.argv[3:])
-        path = common.append_results("Pipeline stages in process", command.strip(), table, results)
-        print(f"[bench] appended to {path}")
-    return 0
+    return _report_bench(args, "pipeline", "Pipeline stages in process", table, results)
 
 
 def _cmd_flow(args) -> int:
@@ -147,7 +157,7 @@ def _add_slip_parser(sub) -> None:
 
 
 def _cmd_bench_flow(args) -> int:
-    from fovea_vla.bench import common, flow_node
+    from fovea_vla.bench import flow_node
 
     try:
         results = flow_node.run(
@@ -163,16 +173,7 @@ def _cmd_bench_flow(args) -> int:
     except (ValueError, RuntimeError) as exc:
         print(f"[bench flow] error: {exc}", file=sys.stderr)
         return 2
-    table = flow_node.format_table(results)
-    print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": common.machine(), **results}, indent=1))
-        print(f"[bench] wrote {args.json}")
-    if not args.no_append:
-        command = "fovea-vla bench flow " + " ".join(sys.argv[3:])
-        path = common.append_results("Optical flow backends", command.strip(), table, results)
-        print(f"[bench] appended to {path}")
-    return 0
+    return _report_bench(args, "flow", "Optical flow backends", flow_node.format_table(results), results)
 
 
 def _add_flow_parsers(sub) -> None:
@@ -210,7 +211,7 @@ def _add_flow_parsers(sub) -> None:
 
 
 def _cmd_bench_encoder(args) -> int:
-    from fovea_vla.bench import common, encoder_node
+    from fovea_vla.bench import encoder_node
 
     results = encoder_node.run(
         resolutions=args.resolutions,
@@ -223,15 +224,7 @@ def _cmd_bench_encoder(args) -> int:
         video_frames=args.video_frames,
     )
     table = encoder_node.format_table(results)
-    print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"machine": common.machine(), **results}, indent=1))
-        print(f"[bench] wrote {args.json}")
-    if not args.no_append:
-        command = "fovea-vla bench encoder " + " ".join(sys.argv[3:])
-        path = common.append_results("Vision stage: texture, encoder, token reuse", command.strip(), table, results)
-        print(f"[bench] appended to {path}")
-    return 0
+    return _report_bench(args, "encoder", "Vision stage: texture, encoder, token reuse", table, results)
 
 
 def _add_bench_encoder_parser(bench_sub) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from fovea_vla.core._validation import is_int, is_real
@@ -151,7 +152,7 @@ class TemporalCoherence:
         step = cfg.tile_size
         if self._tile_pixels is None or self._tile_pixels.shape != (-(-height // step), -(-width // step)):
             self._tile_pixels = tile_sums(np.ones(gray.shape, np.uint8), step)
-        difference = np.abs(gray.astype(np.int16) - self._held).astype(np.uint8)
+        difference = cv2.absdiff(gray, self._held)
         mean_difference = tile_sums(difference, step) / self._tile_pixels
         dirty = mean_difference > cfg.change_threshold
         fraction = float(dirty.mean())

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from fovea_vla.core.texture import TEXTURE_BACKENDS, TextureConfig, make_texture
-from fovea_vla.core.texture.base import level_rect, level_sizes, tiles_to_rects
+from fovea_vla.core.texture.base import level_rect, level_sizes, patch_sample_offsets, tiles_to_rects
 from fovea_vla.core.texture.cupy_texture import _level_rects, _mip_tables, _pack_rects, _table
-from fovea_vla.core.texture.reference import reference_pyramid, reference_sample
+from fovea_vla.core.texture.reference import bilinear_corners, reference_pyramid, reference_sample
 
 WEIGHT_ERROR = 2 / 256  # of the local texel range: two 8-bit weights, each off by less than 1/256
 COORD_SLACK = 1e-3  # texel: float32 sample coordinates against float64
@@ -51,13 +51,7 @@ def _patches(rng, width: int, height: int, count: int = 300) -> tuple[np.ndarray
 
 def _quad_range(level: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     """Per channel max - min of the 2x2 texels a bilinear sample mixes (reference indexing)."""
-    h, w = level.shape[:2]
-    xs = np.clip(xs, 0.0, w - 1.0)
-    ys = np.clip(ys, 0.0, h - 1.0)
-    x0 = np.floor(xs).astype(np.int64)
-    y0 = np.floor(ys).astype(np.int64)
-    x1 = np.minimum(x0 + 1, w - 1)
-    y1 = np.minimum(y0 + 1, h - 1)
+    x0, y0, x1, y1, _, _ = bilinear_corners(*level.shape[:2], xs, ys)
     quad = np.stack([level[y0, x0], level[y0, x1], level[y1, x0], level[y1, x1]])
     return quad.max(axis=0) - quad.min(axis=0)
 
@@ -65,7 +59,7 @@ def _quad_range(level: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray
 def _error_bound(levels, centers: np.ndarray, sizes: np.ndarray, patch: int) -> np.ndarray:
     """(N, 3, P, P) bound on |hardware - reference| per sample, mirroring ``reference_sample``."""
     top = len(levels) - 1
-    offsets = (np.arange(patch) + 0.5) / patch - 0.5
+    offsets = patch_sample_offsets(patch)
     bound = np.empty((len(sizes), 3, patch, patch))
     for i, ((cx, cy), size) in enumerate(zip(centers, sizes, strict=True)):
         lod = float(np.clip(np.log2(max(size, 1e-6) / patch), 0.0, top))

@@ -10,7 +10,7 @@ import numpy as np
 
 from fovea_vla.core.texture.base import patch_sample_offsets
 
-__all__ = ["reference_pyramid", "reference_sample"]
+__all__ = ["bilinear_corners", "reference_pyramid", "reference_sample"]
 
 
 def reference_pyramid(rgb: np.ndarray, max_levels: int = 64) -> list[np.ndarray]:
@@ -39,17 +39,24 @@ def reference_pyramid(rgb: np.ndarray, max_levels: int = 64) -> list[np.ndarray]
     return levels
 
 
-def _bilinear(level: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """Bilinear samples at texel coordinates (texel centres at integers), clamped to the border."""
-    h, w = level.shape[:2]
-    xs = np.clip(xs, 0.0, w - 1.0)
-    ys = np.clip(ys, 0.0, h - 1.0)
+def bilinear_corners(height: int, width: int, xs: np.ndarray, ys: np.ndarray):
+    """The 2x2 texels a bilinear sample mixes and its weights, at texel coordinates (texel centres at
+    integers) clamped to the border.
+
+    Returns:
+        (x0, y0, x1, y1) int64 texel indices and (fx, fy) float64 fractions, each shaped like ``xs``.
+    """
+    xs = np.clip(xs, 0.0, width - 1.0)
+    ys = np.clip(ys, 0.0, height - 1.0)
     x0 = np.floor(xs).astype(np.int64)
     y0 = np.floor(ys).astype(np.int64)
-    x1 = np.minimum(x0 + 1, w - 1)
-    y1 = np.minimum(y0 + 1, h - 1)
-    fx = (xs - x0)[..., None]
-    fy = (ys - y0)[..., None]
+    return x0, y0, np.minimum(x0 + 1, width - 1), np.minimum(y0 + 1, height - 1), xs - x0, ys - y0
+
+
+def _bilinear(level: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Bilinear samples at texel coordinates, clamped to the border."""
+    x0, y0, x1, y1, fx, fy = bilinear_corners(*level.shape[:2], xs, ys)
+    fx, fy = fx[..., None], fy[..., None]
     top = level[y0, x0] * (1 - fx) + level[y0, x1] * fx
     bottom = level[y1, x0] * (1 - fx) + level[y1, x1] * fx
     return top * (1 - fy) + bottom * fy
