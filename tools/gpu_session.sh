@@ -9,6 +9,14 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
+# The gl texture backend: GL loader libraries and the PyOpenGL wheel from a git-ignored .gl/ folder
+# (see docs/BENCHMARKS.md, "gl texture backend"); without it the gl tests and rows are skipped.
+if [ -d .gl ]; then
+  for deb in .gl/*.deb; do dpkg -x "$deb" /; done
+  ldconfig
+  ls .gl/pyopengl-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps .gl/pyopengl-*.whl
+  export PYOPENGL_PLATFORM=egl
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, cv2, numpy; print('torch', torch.__version__, 'cv2', cv2.__version__, 'numpy', numpy.__version__)" \
   | tee -a "$OUT/gpu.txt"

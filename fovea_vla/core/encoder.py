@@ -922,6 +922,9 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     inputs: tuple[torch.Tensor, ...]  # patches, centers, levels, image size: the static buffers
     outputs: tuple[torch.Tensor, torch.Tensor | None]
+    # Pinned host copies for the inputs that arrive on the CPU: a copy from pageable memory would
+    # make the host wait for all queued GPU work (texture upload, sampling) before replaying.
+    staging: tuple[torch.Tensor | None, ...]
 
 
 class FoveatedEncoder:
@@ -1011,7 +1014,8 @@ class FoveatedEncoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             outputs = self.model(*static)
-        return _Graph(graph, static, outputs)
+        staging = tuple(torch.empty_like(t, pin_memory=True) if t.device.type == "cpu" else None for t in inputs)
+        return _Graph(graph, static, outputs, staging)
 
     def encode(self, patches, centers, levels, image_size: tuple[float, float]) -> EncoderOutput:
         """Encode one frame's (or a batch of frames') foveated patches.
@@ -1040,7 +1044,10 @@ class FoveatedEncoder:
                     # Capturing records without running: the replay below computes these inputs.
                     entry = self._graphs[key] = self._capture(inputs)
                 else:
-                    for slot, value in zip(entry.inputs, inputs, strict=True):
+                    # The staging buffers are free again: every call waits for its result below.
+                    for slot, stage, value in zip(entry.inputs, entry.staging, inputs, strict=True):
+                        if stage is not None and value.device.type == "cpu":
+                            value = stage.copy_(value)
                         slot.copy_(value, non_blocking=True)
                 self._events[0].record()
                 entry.graph.replay()
