@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fovea_vla.core.foveation import FoveationConfig, foveated_layout
-from fovea_vla.core.texture import TextureConfig, base, make_texture
+from fovea_vla.core.texture import TEXTURE_BACKENDS, TextureBackend, TextureConfig, base, make_texture
 from fovea_vla.core.texture.reference import reference_pyramid, reference_sample
 
 # fp32 pyramid and interpolation against float64: relative error far below 1e-3.
@@ -210,3 +210,29 @@ def test_cuda_texture_matches_reference(height, width):
     # TF32 is off for these ops (no matmul), so fp32 accuracy applies.
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < RTOL
     assert torch.cuda.is_available()
+
+
+def test_torch_backend_implements_the_protocol():
+    texture = _torch_texture()
+    assert isinstance(texture, TextureBackend)
+    texture.upload(np.full((8, 8, 3), 7, np.uint8))
+    texture.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["torch", "cupy", "gl"])
+def test_gpu_backends_implement_the_protocol(name):
+    available, reason = TEXTURE_BACKENDS.availability(name, named=True)
+    if not available:
+        pytest.skip(f"{name}: {reason}")
+    texture, _ = make_texture(TextureConfig(backend=name, device="cuda"))
+    try:
+        assert isinstance(texture, TextureBackend)
+        rng = np.random.default_rng(11)
+        texture.upload(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))
+        texture.synchronize()
+        assert texture.sample(np.array([[20.0, 18.0]]), np.array([16.0]), 16).shape == (1, 3, 16, 16)
+    finally:
+        close = getattr(texture, "close", None)
+        if close is not None:
+            close()

@@ -706,6 +706,11 @@ class GlPyramid:
         width = min(groups, self._max_groups)
         self._gl.glDispatchCompute(width, -(-groups // width), 1)
 
+    def finish(self) -> None:
+        """Block until every GL command issued so far has completed (for timing)."""
+        self._require_context()
+        self._gl.glFinish()
+
     def sample_bytes(self, count: int, patch_size: int) -> int:
         """Size [bytes] of ``count`` patches of ``patch_size``^2 RGB float32 samples."""
         return 4 * 3 * count * patch_size * patch_size
@@ -963,6 +968,11 @@ class GlTexture:
             if self._view is None or self._view[0] != pointer:  # the pointer may change with each map
                 self._view = (pointer, torch.as_tensor(_MappedView(pointer, int(nbytes) // 4), device=self._device))
             return self._view[1][: count * 3 * patch_size * patch_size].view(count, 3, patch_size, patch_size)
+
+    def synchronize(self) -> None:
+        """Block until the queued GL work and the CUDA work on this texture's device are done (timing)."""
+        self._gl.finish()
+        self._torch.cuda.synchronize(self._device)
 
     def mapped_range(self) -> tuple[int, int]:
         """(device pointer, bytes) of the samples buffer as currently mapped; (0, 0) if unmapped."""
