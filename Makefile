@@ -26,6 +26,8 @@ $(STAMPS)/requirements: $(REQUIREMENTS) | $(BIN)/python
 	@echo "[fovea_vla] installing pinned requirements into $(VENV) (log: $(VENV)/pip.log)"
 	@$(BIN)/python -m pip install --disable-pip-version-check -r requirements/ros.txt -r requirements/build.txt \
 	    -r requirements/base.txt -r requirements/dev.txt > $(VENV)/pip.log 2>&1 \
+	    && $(BIN)/python -m pip install --disable-pip-version-check --no-deps -r requirements/nodeps.txt \
+	    >> $(VENV)/pip.log 2>&1 \
 	    || { grep -v '^WARNING: Location' $(VENV)/pip.log | tail -n 30; exit 1; }
 	@touch $@
 

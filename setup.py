@@ -24,6 +24,7 @@ setup(
         "console_scripts": [
             "fovea_node = fovea_vla.nodes.fovea_node:main",
             "camera_replay = fovea_vla.nodes.camera_replay:main",
+            "vla_stack = fovea_vla.nodes.vla_stack:main",
             "fovea-vla = fovea_vla.cli:main",
         ],
     },

@@ -46,6 +46,12 @@ LAUNCH_ARGUMENTS = (
         "Raw camera image topic; `<topic>/compressed` and the sibling "
         "`camera_info` are derived from it as image_transport does.",
     ),
+    LaunchArgument(
+        "policy",
+        "false",
+        "Run the action head: fovea_node and policy_node in one process (vla_stack) instead of fovea_node "
+        "alone. Needs policy_node's policy.checkpoint in the parameter file.",
+    ),
     LaunchArgument("use_replay", "true", "Start camera_replay to publish the camera topics."),
     LaunchArgument("replay_source", "synthetic", "camera_replay source: synthetic, a video, an image folder or a bag."),
     LaunchArgument("namespace", "", "Namespace for every node of the graph."),
@@ -65,6 +71,9 @@ class NodeSpec:
         parameters: overrides applied after the files.
         remappings: (from, to) topic remappings.
         arguments: extra command-line arguments (before --ros-args).
+        node_names: for a process that hosts several nodes (``vla_stack``): their names. Such a
+            process is not renamed (``name`` only labels the process and its log), and
+            overrides are given per node.
     """
 
     package: str
@@ -74,6 +83,7 @@ class NodeSpec:
     parameters: dict = field(default_factory=dict)
     remappings: tuple[tuple[str, str], ...] = ()
     arguments: tuple[str, ...] = ()
+    node_names: tuple[str, ...] = ()
 
 
 def config_dir() -> Path:
@@ -116,6 +126,7 @@ def node_graph(
     use_replay: str | bool = True,
     replay_source: str = "synthetic",
     rviz: str | bool = False,
+    policy: str | bool = False,
     **_ignored,
 ) -> list[NodeSpec]:
     """Processes of the graph for the given launch arguments (same names as LAUNCH_ARGUMENTS)."""
@@ -124,7 +135,12 @@ def node_graph(
     graph = []
     if _truthy(use_replay):
         graph.append(NodeSpec(PACKAGE, "camera_replay", "camera_replay", files, {"source": replay_source}, remap))
-    graph.append(NodeSpec(PACKAGE, "fovea_node", "fovea_node", files, {}, remap))
+    if _truthy(policy):
+        graph.append(
+            NodeSpec(PACKAGE, "vla_stack", "vla_stack", files, {}, remap, node_names=("fovea_node", "policy_node"))
+        )
+    else:
+        graph.append(NodeSpec(PACKAGE, "fovea_node", "fovea_node", files, {}, remap))
     if _truthy(rviz):
         rviz_config = str(config_dir() / "fovea_vla.rviz")
         graph.append(NodeSpec("rviz2", "rviz2", "rviz2", arguments=("-d", rviz_config)))

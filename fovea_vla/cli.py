@@ -227,6 +227,34 @@ def _cmd_bench_encoder(args) -> int:
     return _report_bench(args, "encoder", "Vision stage: texture, encoder, token reuse", table, results)
 
 
+def _cmd_bench_policy(args) -> int:
+    from fovea_vla.bench import policy_node
+
+    results = policy_node.run(
+        device=args.device,
+        architecture=args.architecture,
+        runs=args.runs,
+        frames=args.frames,
+        resolution=args.resolution,
+    )
+    table = policy_node.format_table(results)
+    return _report_bench(args, "policy", "Action path: action head and camera frame to first command", table, results)
+
+
+def _add_bench_policy_parser(bench_sub) -> None:
+    policy = bench_sub.add_parser(
+        "policy", help="action-head latency at batch 1 and camera frame to first command through the pipeline"
+    )
+    policy.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    policy.add_argument("--architecture", default="vit_base_patch16", help="encoder, e.g. vit_tiny_patch16")
+    policy.add_argument("--runs", type=int, default=1000, help="timed head calls per configuration (CPU: 50)")
+    policy.add_argument("--frames", type=int, default=300, help="timed frames through the pipeline (CPU: 30)")
+    policy.add_argument("--resolution", default="1920x1080", choices=["640x480", "1280x720", "1920x1080"])
+    policy.add_argument("--json", default=None, help="also write the results as JSON here")
+    policy.add_argument("--no-append", action="store_true", help="do not append to docs/BENCHMARKS.md")
+    policy.set_defaults(func=_cmd_bench_policy)
+
+
 def _add_bench_encoder_parser(bench_sub) -> None:
     encoder = bench_sub.add_parser(
         "encoder",
@@ -321,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--node", choices=("fovea_node", "camera_replay"), default=None)
     params.set_defaults(func=_cmd_params)
 
+    from fovea_vla.policy_cli import add_policy_parser
+
+    add_policy_parser(sub)
+
     bench = sub.add_parser("bench", help="benchmarks; print a table and append it to docs/BENCHMARKS.md")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     pipeline = bench_sub.add_parser("pipeline", help="per-stage time of the in-process pipeline")
@@ -333,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.set_defaults(func=_cmd_bench)
     _add_bench_flow_parser(bench_sub)
     _add_bench_encoder_parser(bench_sub)
+    _add_bench_policy_parser(bench_sub)
 
     _add_flow_parsers(sub)
     _add_slip_parser(sub)

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,15 +40,23 @@ def _param_value(value) -> str:
     return str(value)
 
 
-def command_for(spec: NodeSpec, namespace: str = "", extra_parameters: dict | None = None) -> list[str]:
-    """argv that runs ``spec`` like launch_ros would."""
+def command_for(
+    spec: NodeSpec, namespace: str = "", extra_parameters: dict | None = None, extra_files: Sequence[Path] = ()
+) -> list[str]:
+    """argv that runs ``spec`` like launch_ros would.
+
+    ``extra_parameters`` apply to every node of the process; ``extra_files`` are parameter files
+    applied after the spec's own (node-scoped overrides of a multi-node process).
+    """
     executable = find_executable(spec)
     if executable is None:
         raise FileNotFoundError(f"executable {spec.executable!r} of package {spec.package!r} not found")
-    argv = [executable, *spec.arguments, "--ros-args", "-r", f"__node:={spec.name}"]
+    argv = [executable, *spec.arguments, "--ros-args"]
+    if not spec.node_names:
+        argv += ["-r", f"__node:={spec.name}"]
     if namespace:
         argv += ["-r", f"__ns:=/{namespace.strip('/')}"]
-    for path in parameter_file_paths(spec.parameter_files):
+    for path in [*parameter_file_paths(spec.parameter_files), *extra_files]:
         argv += ["--params-file", str(path)]
     for name, value in {**spec.parameters, **(extra_parameters or {})}.items():
         argv += ["-p", f"{name}:={_param_value(value)}"]
@@ -83,13 +92,14 @@ class GraphProcesses:
         self.log_dir = log_dir
         self.processes: dict[str, subprocess.Popen] = {}
         self._logs = []
+        self._tmp: tempfile.TemporaryDirectory | None = None
 
     def start(self) -> GraphProcesses:
         for spec in self.graph:
             if find_executable(spec) is None and spec.package != "fovea_vla":
                 print(f"[fovea-vla launch] skipping {spec.name}: {spec.executable} is not installed", file=sys.stderr)
                 continue
-            argv = command_for(spec, self.namespace, self.parameters.get(spec.name))
+            argv = command_for(spec, self.namespace, self.parameters.get(spec.name), self._node_override_files(spec))
             stdout = None
             if self.log_dir is not None:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -99,6 +109,24 @@ class GraphProcesses:
                 argv, env=self.env, stdout=stdout, stderr=subprocess.STDOUT if stdout else None
             )
         return self
+
+    def _node_override_files(self, spec: NodeSpec) -> list[Path]:
+        """For a multi-node process, its nodes' overrides as one parameter file (``/**/<node>``
+        sections): ``-p`` would give every node of the process the same value."""
+        sections = {
+            f"/**/{node}": {"ros__parameters": self.parameters[node]}
+            for node in spec.node_names
+            if node in self.parameters
+        }
+        if not sections:
+            return []
+        import yaml
+
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="fovea_launch_")
+        path = Path(self._tmp.name) / f"{spec.name}_overrides.yaml"
+        path.write_text(yaml.safe_dump(sections))
+        return [path]
 
     def poll(self) -> dict[str, int | None]:
         """Exit code per node (None while running)."""
@@ -119,6 +147,9 @@ class GraphProcesses:
         for log in self._logs:
             log.close()
         self._logs.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
         return {name: proc.returncode for name, proc in self.processes.items()}
 
     def __enter__(self) -> GraphProcesses:

@@ -23,7 +23,7 @@ def _nodes(context):
             Node(
                 package=spec.package,
                 executable=spec.executable,
-                name=spec.name,
+                name=None if spec.node_names else spec.name,
                 namespace=values["namespace"],
                 parameters=[*parameters, spec.parameters] if spec.parameters else parameters,
                 remappings=list(spec.remappings),

@@ -61,6 +61,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "SCHEMA_VERSION",
+    "Block",
     "EncoderConfig",
     "EncoderOutput",
     "FoveatedEncoder",
@@ -276,7 +277,9 @@ class _Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class _Block(nn.Module):
+class Block(nn.Module):
+    """Pre-norm transformer block (timm names: norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2)."""
+
     def __init__(self, dim: int, num_heads: int, mlp_hidden: int, eps: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
@@ -337,7 +340,7 @@ class FoveatedViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.pos_grid[0] * self.pos_grid[1], embed_dim))
         self.level_embed = nn.Parameter(torch.zeros(num_levels, embed_dim))
-        self.blocks = nn.ModuleList(_Block(embed_dim, num_heads, mlp_hidden, layer_norm_eps) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_hidden, layer_norm_eps) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps)
         # Not in the state_dict (timm has no such keys); they travel in the checkpoint metadata.
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), persistent=False)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from fovea_vla.nodes import camera_replay, fovea_node
+from fovea_vla.nodes import camera_replay, fovea_node, policy_node
 from fovea_vla.nodes.params import ParamSpec, format_yaml
 
 __all__ = ["NODE_PARAMS", "default_parameter_file"]
 
 NODE_PARAMS: dict[str, tuple[ParamSpec, ...]] = {
     "fovea_node": fovea_node.PARAMS,
+    "policy_node": policy_node.PARAMS,
     "camera_replay": camera_replay.PARAMS,
 }
 

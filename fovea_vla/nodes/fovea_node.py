@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -29,6 +30,7 @@ from fovea_vla.core.foveation import AdaptiveBudgetConfig, FoveationConfig
 from fovea_vla.core.frames import FrameError
 from fovea_vla.core.overlay import draw_overlay
 from fovea_vla.core.pipeline import FoveaPipeline, PipelineConfig, PipelineOutput
+from fovea_vla.core.policy.observation import TokenFrame
 from fovea_vla.core.slip import SlipConfig, project_box
 from fovea_vla.core.slip_stage import Grasp, SlipStageConfig
 from fovea_vla.core.stats import DropCounter, LatencyTracker, RateMeter
@@ -85,6 +87,11 @@ PARAMS: tuple[ParamSpec, ...] = (
         60.0,
         "Horizontal field of view assumed until a CameraInfo arrives [deg].",
         range=(1.0, 179.0),
+    ),
+    ParamSpec(
+        "instruction",
+        "",
+        "Instruction in force until one arrives on `instruction` or `set_instruction` (the policy follows it).",
     ),
     ParamSpec("flow.enabled", True, "Compute optical flow between consecutive frames (drives pursuit)."),
     ParamSpec(
@@ -460,12 +467,20 @@ def pipeline_config(values: dict) -> PipelineConfig:
 
 
 class FoveaNode(Node):
-    """The per-frame pipeline as a ROS node."""
+    """The per-frame pipeline as a ROS node.
+
+    Args:
+        token_sink: called with a :class:`TokenFrame` after every frame that has tokens (the
+            in-process hand-off to the policy; see ``vla_stack``).
+        kwargs: passed to ``rclpy.node.Node``.
+    """
 
     NODE_NAME = "fovea_node"
 
-    def __init__(self, **kwargs):
+    def __init__(self, token_sink: Callable[[TokenFrame], None] | None = None, **kwargs):
         super().__init__(self.NODE_NAME, **kwargs)
+        self._token_sink = token_sink
+        self._instruction_listeners: list[Callable[[str], None]] = []
         try:
             self.params = declare_all(self, PARAMS)
             cfg = pipeline_config(self.params)
@@ -490,7 +505,7 @@ class FoveaNode(Node):
         self.input_rate = RateMeter()
         self.frames_received = 0
         self.frames_processed = 0
-        self.instruction = ""
+        self.instruction = p["instruction"]
         self._last_debug_s = -1e9
         self._markers_cleared = False
 
@@ -564,6 +579,17 @@ class FoveaNode(Node):
         timing = {"decode": decode_ms, **output.timing_ms}
         self.latency.add_all(timing)
         self._publish(output, age_ms, fx)
+        if self._token_sink is not None and output.tokens is not None:
+            self._token_sink(
+                TokenFrame(
+                    tokens=output.tokens,
+                    stamp_ns=output.stamp_ns,
+                    frame_id=output.frame_id,
+                    tokens_stamp_ns=output.tokens_stamp_ns,
+                    width=output.width,
+                    height=output.height,
+                )
+            )
 
     def _drop(self, reason: str, detail: str) -> None:
         self.drops.add(reason)
@@ -647,11 +673,20 @@ class FoveaNode(Node):
     def _on_instruction(self, msg: String) -> None:
         self._set_instruction(msg.data)
 
+    def add_instruction_listener(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(text)`` with the current instruction now and on every change."""
+        self._instruction_listeners.append(listener)
+        listener(self.instruction)
+
     def _set_instruction(self, text: str) -> None:
-        if text != self.instruction:
+        changed = text != self.instruction
+        if changed:
             self.pipeline.notify_instruction_change()
         self.instruction = text
         self.get_logger().info(f"instruction: {text!r}")
+        if changed:
+            for listener in self._instruction_listeners:
+                listener(text)
 
     # -- outputs ----------------------------------------------------------------------------
     def _publish(self, output: PipelineOutput, age_ms: float, focal_px: float | None) -> None:

@@ -24,6 +24,7 @@ _TYPES = {
 _ARRAY_TYPES = {
     int: ParameterType.PARAMETER_INTEGER_ARRAY,
     float: ParameterType.PARAMETER_DOUBLE_ARRAY,
+    str: ParameterType.PARAMETER_STRING_ARRAY,
 }
 
 
@@ -33,12 +34,15 @@ class ParamSpec:
 
     Attributes:
         name: dotted parameter name (``flow.backend``).
-        default: default value; its Python type is the parameter's type. A tuple of ints or floats
-            is an integer / double array of that fixed length.
+        default: default value; its Python type is the parameter's type. A non-empty tuple of
+            ints, floats or strings is an array of that type (of that fixed length unless
+            ``variable_length``).
         description: one line for ``ros2 param describe`` and the README.
         range: inclusive (min, max) for numbers (each element of an array).
         choices: allowed values for strings.
         read_only: true when a change needs a restart.
+        variable_length: an array of any length >= 1 (the node checks it against related
+            parameters).
     """
 
     name: str
@@ -47,6 +51,7 @@ class ParamSpec:
     range: tuple[float, float] | None = None
     choices: tuple[str, ...] | None = None
     read_only: bool = True
+    variable_length: bool = False
 
     @property
     def element_type(self) -> type:
@@ -56,7 +61,9 @@ class ParamSpec:
     @property
     def type_name(self) -> str:
         name = self.element_type.__name__
-        return f"{name}[{len(self.default)}]" if isinstance(self.default, tuple) else name
+        if not isinstance(self.default, tuple):
+            return name
+        return f"{name}[]" if self.variable_length else f"{name}[{len(self.default)}]"
 
     def descriptor(self) -> ParameterDescriptor:
         text = self.description
@@ -88,7 +95,9 @@ class ParamSpec:
         if self.choices and value not in self.choices:
             return f"{self.name}={value!r}: must be one of {', '.join(self.choices)}"
         values = value if isinstance(self.default, tuple) else (value,)
-        if isinstance(self.default, tuple) and len(value) != len(self.default):
+        if isinstance(self.default, tuple) and self.variable_length and not value:
+            return f"{self.name}=[]: must have at least one element"
+        if isinstance(self.default, tuple) and not self.variable_length and len(value) != len(self.default):
             return f"{self.name}={list(value)!r}: must have {len(self.default)} elements"
         if self.range is not None and not all(self.range[0] <= v <= self.range[1] for v in values):
             return f"{self.name}={value!r}: must be in [{self.range[0]}, {self.range[1]}]"

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from fovea_vla.bringup import LAUNCH_ARGUMENTS, camera_topics, config_dir, node_graph, parameter_file_paths
-from fovea_vla.launcher import command_for
+from fovea_vla.launcher import GraphProcesses, command_for
 from fovea_vla.nodes import fovea_node
 from fovea_vla.nodes.catalog import NODE_PARAMS, default_parameter_file
 from fovea_vla.nodes.params import format_table, values_from_files
@@ -73,8 +73,28 @@ def test_launch_file_builds_its_nodes_from_bringup():
 
 def test_launch_arguments_match_node_graph_signature():
     names = {a.name for a in LAUNCH_ARGUMENTS}
-    assert names == {"config", "camera_topic", "use_replay", "replay_source", "namespace", "rviz"}
+    assert names == {"config", "camera_topic", "use_replay", "replay_source", "namespace", "rviz", "policy"}
     node_graph(**{a.name: a.default for a in LAUNCH_ARGUMENTS})
+
+
+def test_policy_runs_both_nodes_in_one_process_with_node_scoped_overrides(tmp_path):
+    graph = node_graph(use_replay=False, policy="true")
+    assert [(spec.executable, spec.node_names) for spec in graph] == [("vla_stack", ("fovea_node", "policy_node"))]
+    processes = GraphProcesses(
+        graph, parameters={"policy_node": {"enable_actions": True}, "fovea_node": {"flow.grid": 2}}
+    )
+    files = processes._node_override_files(graph[0])
+    argv = command_for(graph[0], "ns", extra_files=files)
+    assert "__node:=vla_stack" not in " ".join(argv)  # each node keeps its own name
+    params_files = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--params-file"]
+    assert params_files[-1] == str(files[0])  # after the config files, so the overrides win
+    sections = yaml.safe_load(files[0].read_text())
+    assert sections == {
+        "/**/policy_node": {"ros__parameters": {"enable_actions": True}},
+        "/**/fovea_node": {"ros__parameters": {"flow.grid": 2}},
+    }
+    processes.stop()
+    assert not files[0].exists()
 
 
 def test_camera_topic_derivation_follows_image_transport():

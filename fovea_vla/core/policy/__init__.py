@@ -1,0 +1,1 @@
+"""Action head, chunk execution and safety: from foveated tokens to robot commands."""

@@ -1,0 +1,232 @@
+"""The action head: a transformer over foveated tokens, an instruction embedding and the robot state.
+
+The sequence is ``[K action queries | instruction | state | N image tokens]``; every position
+attends to every other (pre-norm blocks, as in the encoder), and the K query outputs are read out
+as a chunk of K actions x A dims. Inputs and outputs are normalised with statistics stored in the
+module (``state_mean`` ... ``action_std``), so a checkpoint carries everything needed to turn
+robot units into network units and back. With ``delta_state_indices`` the network predicts each
+action dim as an offset from one state dim (targets near the current pose are the common case,
+so offsets are easier to learn than absolute values), and the head adds the state back.
+
+Shapes: B batch, N image tokens, T = token_dim, L = instruction_dim, S = state_dim,
+K = chunk_size, A = action_dim, W = width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from fovea_vla.core._validation import is_int, is_real
+from fovea_vla.core.encoder import Block
+
+__all__ = ["ActionHead", "ActionHeadConfig"]
+
+# Rows of ActionHead.type_embed: which part of the sequence a position belongs to.
+_QUERY, _INSTRUCTION, _STATE, _IMAGE = range(4)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActionHeadConfig:
+    """Architecture of :class:`ActionHead` (stored in every checkpoint's config.json).
+
+    Attributes:
+        token_dim: T, width of the encoder's image tokens (192 ViT-Ti, 384 ViT-S, 768 ViT-B).
+        instruction_dim: L, width of the instruction embedding (384 for all-MiniLM-L6-v2).
+        state_dim: S, proprioception values (joint positions or end-effector pose, gripper).
+        action_dim: A, values per action (joint targets or end-effector pose, gripper).
+        chunk_size: K, actions per chunk.
+        width: W, the transformer's width.
+        depth: transformer blocks.
+        num_heads: attention heads (divide ``width``).
+        mlp_ratio: MLP hidden width / W.
+        delta_state_indices: empty for absolute actions, or A state indices: action dim a is
+            ``state[delta_state_indices[a]]`` plus the network's output (use -1 for a dim that
+            stays absolute, e.g. the gripper).
+    """
+
+    token_dim: int = 192
+    instruction_dim: int = 384
+    state_dim: int = 8
+    action_dim: int = 8
+    chunk_size: int = 16
+    width: int = 256
+    depth: int = 4
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    delta_state_indices: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        for name, top in (
+            ("token_dim", 8192),
+            ("instruction_dim", 8192),
+            ("state_dim", 1024),
+            ("action_dim", 1024),
+            ("chunk_size", 1024),
+            ("width", 8192),
+            ("depth", 64),
+            ("num_heads", 256),
+        ):
+            value = getattr(self, name)
+            if not is_int(value) or not 1 <= value <= top:
+                raise ValueError(f"policy.{name}={value!r}: must be an integer in [1, {top}]")
+        if self.width % self.num_heads:
+            raise ValueError(f"policy.width={self.width}: must be divisible by policy.num_heads={self.num_heads}")
+        if not is_real(self.mlp_ratio) or not 0 < self.mlp_ratio <= 16:
+            raise ValueError(f"policy.mlp_ratio={self.mlp_ratio!r}: must be a number in (0, 16]")
+        indices = self.delta_state_indices
+        if indices and (
+            len(indices) != self.action_dim or not all(is_int(i) and -1 <= i < self.state_dim for i in indices)
+        ):
+            raise ValueError(
+                f"policy.delta_state_indices={list(indices)!r}: must be empty or {self.action_dim} state indices "
+                f"in [-1, {self.state_dim - 1}]"
+            )
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["delta_state_indices"] = list(self.delta_state_indices)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ActionHeadConfig:
+        """The config a checkpoint's ``head`` section describes.
+
+        Raises:
+            ValueError: unknown or missing fields, or refused values (named).
+        """
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown action-head fields {unknown}")
+        missing = sorted(known - set(values))
+        if missing:
+            raise ValueError(f"missing action-head fields {missing}")
+        fields = dict(values)
+        fields["delta_state_indices"] = tuple(fields["delta_state_indices"])
+        return cls(**fields)
+
+
+class ActionHead(nn.Module):
+    """Chunk-of-actions transformer. Build with :meth:`from_config`; load with
+    :func:`fovea_vla.core.policy.checkpoint.load_policy`.
+
+    The four normalisation buffers are float32 and stay float32 when the module is cast to
+    half precision (see :meth:`half_precision`), so robot units never round through fp16.
+    """
+
+    def __init__(self, cfg: ActionHeadConfig):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.token_norm = nn.LayerNorm(cfg.token_dim)
+        self.token_proj = nn.Linear(cfg.token_dim, w)
+        self.instruction_proj = nn.Linear(cfg.instruction_dim, w)
+        self.state_proj = nn.Sequential(nn.Linear(cfg.state_dim, w), nn.GELU(), nn.Linear(w, w))
+        self.queries = nn.Parameter(torch.zeros(cfg.chunk_size, w))
+        self.type_embed = nn.Parameter(torch.zeros(4, w))
+        self.blocks = nn.ModuleList(Block(w, cfg.num_heads, int(w * cfg.mlp_ratio), 1e-6) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(w)
+        self.action_out = nn.Linear(w, cfg.action_dim)
+        self.register_buffer("state_mean", torch.zeros(cfg.state_dim))
+        self.register_buffer("state_std", torch.ones(cfg.state_dim))
+        self.register_buffer("action_mean", torch.zeros(cfg.action_dim))
+        self.register_buffer("action_std", torch.ones(cfg.action_dim))
+        delta = torch.tensor(cfg.delta_state_indices or [-1] * cfg.action_dim, dtype=torch.long)
+        self.register_buffer("_delta_index", delta.clamp(min=0), persistent=False)
+        self.register_buffer("_delta_mask", (delta >= 0).float(), persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg: ActionHeadConfig, seed: int = 0) -> ActionHead:
+        """A float32 CPU module with a seeded random init (truncated normal, std 0.02)."""
+        model = cls(cfg)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.trunc_normal_(module.weight, std=0.02, generator=generator)
+                    nn.init.zeros_(module.bias)
+            nn.init.trunc_normal_(model.queries, std=0.02, generator=generator)
+            nn.init.trunc_normal_(model.type_embed, std=0.02, generator=generator)
+        return model
+
+    def set_normalization(self, state_mean, state_std, action_mean, action_std) -> None:
+        """Set the normalisation statistics (robot units; stds are floored at 1e-6).
+
+        Args:
+            state_mean: (S,) mean of the state in the training data.
+            state_std: (S,) its standard deviation.
+            action_mean: (A,) mean of the network's targets: the actions, or with
+                ``delta_state_indices`` the offsets from the state.
+            action_std: (A,) their standard deviation.
+        """
+        with torch.no_grad():
+            for name, value in (
+                ("state_mean", state_mean),
+                ("state_std", state_std),
+                ("action_mean", action_mean),
+                ("action_std", action_std),
+            ):
+                buffer = getattr(self, name)
+                tensor = torch.as_tensor(value, dtype=torch.float32).reshape(buffer.shape)
+                if name.endswith("std"):
+                    tensor = tensor.clamp(min=1e-6)
+                buffer.copy_(tensor)
+
+    def half_precision(self, dtype: torch.dtype) -> ActionHead:
+        """Cast weights to ``dtype`` keeping the normalisation buffers float32."""
+        kept = {name: getattr(self, name).clone() for name in ("state_mean", "state_std", "action_mean", "action_std")}
+        self.to(dtype)
+        for name, value in kept.items():
+            setattr(self, name, value.to(self.queries.device))
+        self._delta_mask = self._delta_mask.float()
+        return self
+
+    def forward_normalized(self, tokens: torch.Tensor, instruction: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """The network's raw output, (B, K, A) float32 in normalised units (train against
+        :meth:`targets`). Arguments as :meth:`forward`."""
+        dtype = self.queries.dtype
+        b = tokens.shape[0]
+        normalized_state = ((state.float() - self.state_mean) / self.state_std).to(dtype)
+        parts = (
+            self.queries.expand(b, -1, -1) + self.type_embed[_QUERY],
+            (self.instruction_proj(instruction.to(dtype)) + self.type_embed[_INSTRUCTION])[:, None],
+            (self.state_proj(normalized_state) + self.type_embed[_STATE])[:, None],
+            self.token_proj(self.token_norm(tokens.to(dtype))) + self.type_embed[_IMAGE],
+        )
+        x = torch.cat(parts, dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.action_out(self.norm(x[:, : self.cfg.chunk_size])).float()
+
+    def forward(self, tokens: torch.Tensor, instruction: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """Predict one chunk per batch element.
+
+        Args:
+            tokens: (B, N, T) image tokens (the encoder's output, any float dtype).
+            instruction: (B, L) instruction embedding.
+            state: (B, S) float32 state in robot units.
+
+        Returns:
+            (B, K, A) float32 actions in robot units.
+        """
+        out = self.forward_normalized(tokens, instruction, state)
+        return out * self.action_std + self.action_mean + self._state_offset(state)
+
+    def targets(self, actions: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """What :meth:`forward_normalized` should output for ground-truth ``actions``.
+
+        Args:
+            actions: (B, K, A) actions in robot units.
+            state: (B, S) state at the observation.
+
+        Returns:
+            (B, K, A) float32 normalised targets (absolute values or offsets from the state).
+        """
+        return (actions.float() - self._state_offset(state) - self.action_mean) / self.action_std
+
+    def _state_offset(self, state: torch.Tensor) -> torch.Tensor:
+        """(B, 1, A) the state values the delta dims are relative to (0 for absolute dims)."""
+        return (state.float()[:, self._delta_index] * self._delta_mask)[:, None]

@@ -1,0 +1,639 @@
+"""policy_node: foveated tokens + robot state + instruction in; action chunks and controller commands out.
+
+Runs in the process that owns the tokens (see ``vla_stack``): the action head reads the newest
+:class:`TokenFrame` at ``policy.rate_hz``, the chunk executor runs at ``control_rate_hz`` on its
+own timer and callback group, and every command passes the safety layer.
+
+Inputs: ``joint_states`` (sensor_msgs/JointState), ``ee_pose`` (geometry_msgs/PoseStamped, for
+``action_space: ee_pose``), ``estop`` (std_msgs/Bool, latches), the instruction from fovea_node
+(``instruction`` topic / ``set_instruction`` service). Outputs, each switchable:
+``action_chunk`` (fovea_vla_msgs/ActionChunk), ``cmd_twist`` (geometry_msgs/TwistStamped, MoveIt
+Servo), ``joint_trajectory`` (trajectory_msgs/JointTrajectory, joint_trajectory_controller),
+``command`` (std_msgs/Float64MultiArray, forward command controllers), ``gripper_command``
+(std_msgs/Float64), ``policy_stats``. Service ``rearm`` (std_srvs/Trigger) releases the e-stop.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from builtin_interfaces.msg import Duration
+from geometry_msgs.msg import PoseStamped, TwistStamped
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.node import Node
+from sensor_msgs.msg import JointState
+from std_msgs.msg import Bool, Float64, Float64MultiArray, Header, MultiArrayDimension
+from std_srvs.srv import Trigger
+from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+from fovea_vla.core.policy.checkpoint import ACTION_SPACES, CheckpointError, load_policy
+from fovea_vla.core.policy.executor import Chunk, ChunkExecutor, Command, ExecutorConfig
+from fovea_vla.core.policy.observation import LatestTokens
+from fovea_vla.core.policy.runner import ActionHeadRunner, RunnerConfig
+from fovea_vla.core.policy.safety import SafetyLimits, SafetyMonitor, WatchdogConfig
+from fovea_vla.core.policy.spaces import (
+    PANDA_JOINTS,
+    angular_velocity_from_rpy_rates,
+    quaternion_to_rpy,
+    space_names,
+    unwrap_angles,
+)
+from fovea_vla.core.policy.text import SentenceEncoder, TextEncoderConfig
+from fovea_vla.core.stats import LatencyTracker, RateMeter
+from fovea_vla.nodes import qos
+from fovea_vla.nodes.messages import ns_to_stamp, stamp_to_ns
+from fovea_vla.nodes.params import ParamSpec, declare_all
+from fovea_vla_msgs.msg import ActionChunk, DropCount, PolicyStats, StageLatency
+
+# Franka Emika Panda limits (datasheet), the defaults for the default joint names.
+PANDA_POSITION_MIN = (-2.8973, -1.7628, -2.8973, -3.0718, -2.8973, -0.0175, -2.8973)
+PANDA_POSITION_MAX = (2.8973, 1.7628, 2.8973, -0.0698, 2.8973, 3.7525, 2.8973)
+PANDA_VELOCITY_MAX = (2.175, 2.175, 2.175, 2.175, 2.61, 2.61, 2.61)
+PANDA_ACCELERATION_MAX = (15.0, 7.5, 10.0, 12.5, 15.0, 20.0, 20.0)
+
+PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec("policy.checkpoint", "", "Policy checkpoint folder (config.json + model.safetensors); required."),
+    ParamSpec("policy.rate_hz", 10.0, "How often the action head runs on the newest tokens [Hz].", range=(0.1, 1000.0)),
+    ParamSpec("policy.device", "auto", "Torch device of the action head: auto, cpu or cuda[:N]."),
+    ParamSpec(
+        "policy.dtype",
+        "auto",
+        "Action-head precision; auto = float16 on CUDA, float32 on CPU.",
+        choices=("auto", "float32", "float16", "bfloat16"),
+    ),
+    ParamSpec("policy.cuda_graphs", True, "Replay a CUDA graph per token count (CUDA only)."),
+    ParamSpec("text_encoder.path", "", "Sentence-embedding model folder; empty = the bundled all-MiniLM-L6-v2."),
+    ParamSpec("text_encoder.device", "cpu", "Torch device of the instruction embedding."),
+    ParamSpec(
+        "action_space",
+        "joint_position",
+        "What the actions are; must match the checkpoint.",
+        choices=ACTION_SPACES,
+    ),
+    ParamSpec(
+        "joint_names",
+        PANDA_JOINTS,
+        "Arm joints, in the checkpoint's order (joint_position state and actions; trajectory joint names).",
+        variable_length=True,
+    ),
+    ParamSpec("base_frame", "panda_link0", "Frame of end-effector poses and twists."),
+    ParamSpec("gripper.enabled", True, "The last action/state dim is the gripper (0 open, 1 closed)."),
+    ParamSpec("gripper.joint", "panda_finger_joint1", "Gripper joint in joint_states."),
+    ParamSpec("gripper.open_position", 0.04, "Gripper joint position when open [m or rad].", range=(-10.0, 10.0)),
+    ParamSpec("gripper.closed_position", 0.0, "Gripper joint position when closed [m or rad].", range=(-10.0, 10.0)),
+    ParamSpec("control_rate_hz", 50.0, "Chunk executor rate: one command per tick [Hz].", range=(1.0, 1000.0)),
+    ParamSpec(
+        "executor.max_blend_s",
+        0.5,
+        "Longest splice from the running command onto a new chunk [s].",
+        range=(0.0, 10.0),
+    ),
+    ParamSpec(
+        "executor.min_blend_s",
+        0.04,
+        "Shortest splice onto a new chunk [s].",
+        range=(0.0, 10.0),
+    ),
+    ParamSpec(
+        "enable_actions",
+        False,
+        "Publish commands to controllers; false = dry run (action_chunk and stats only).",
+        read_only=False,
+    ),
+    ParamSpec(
+        "max_observation_age_ms",
+        250.0,
+        "Stop (zero twist / hold) when the newest frame or state is older than this [ms, capture stamp].",
+        range=(1.0, 60000.0),
+    ),
+    ParamSpec(
+        "limits.joint.position_min",
+        PANDA_POSITION_MIN,
+        "Lowest joint targets, one per joint [rad or m].",
+        variable_length=True,
+    ),
+    ParamSpec(
+        "limits.joint.position_max",
+        PANDA_POSITION_MAX,
+        "Highest joint targets, one per joint [rad or m].",
+        variable_length=True,
+    ),
+    ParamSpec(
+        "limits.joint.velocity_max",
+        PANDA_VELOCITY_MAX,
+        "Joint speed limits, one per joint [rad/s or m/s].",
+        variable_length=True,
+    ),
+    ParamSpec(
+        "limits.joint.acceleration_max",
+        PANDA_ACCELERATION_MAX,
+        "Joint acceleration limits, one per joint [rad/s^2 or m/s^2].",
+        variable_length=True,
+    ),
+    ParamSpec("limits.ee.workspace_min", (0.2, -0.5, 0.02), "Workspace box lower corner x y z [m] in base_frame."),
+    ParamSpec("limits.ee.workspace_max", (0.8, 0.5, 0.7), "Workspace box upper corner x y z [m] in base_frame."),
+    ParamSpec("limits.ee.linear_velocity_max", 0.25, "End-effector speed limit per axis [m/s].", range=(1e-6, 100.0)),
+    ParamSpec("limits.ee.angular_velocity_max", 1.0, "Roll/pitch/yaw rate limit [rad/s].", range=(1e-6, 100.0)),
+    ParamSpec(
+        "limits.ee.linear_acceleration_max",
+        2.0,
+        "End-effector acceleration limit per axis [m/s^2].",
+        range=(1e-6, 1000.0),
+    ),
+    ParamSpec(
+        "limits.ee.angular_acceleration_max",
+        8.0,
+        "Roll/pitch/yaw acceleration limit [rad/s^2].",
+        range=(1e-6, 1000.0),
+    ),
+    ParamSpec("limits.gripper.velocity_max", 2.0, "Gripper command rate limit [1/s].", range=(1e-6, 1000.0)),
+    ParamSpec(
+        "limits.gripper.acceleration_max", 40.0, "Gripper command acceleration limit [1/s^2].", range=(1e-6, 1e6)
+    ),
+    ParamSpec("outputs.action_chunk", True, "Publish every chunk on `action_chunk`."),
+    ParamSpec("outputs.cmd_twist", True, "Publish `cmd_twist` (TwistStamped) when action_space is ee_pose."),
+    ParamSpec(
+        "outputs.joint_trajectory",
+        True,
+        "Publish `joint_trajectory` (JointTrajectory) when action_space is joint_position.",
+    ),
+    ParamSpec(
+        "outputs.command",
+        False,
+        "Publish `command` (Float64MultiArray joint positions) when action_space is joint_position.",
+    ),
+    ParamSpec("outputs.gripper_command", True, "Publish `gripper_command` (Float64 joint position)."),
+    ParamSpec(
+        "outputs.trajectory_points",
+        5,
+        "Points per joint_trajectory message: the next control ticks of the safe command.",
+        range=(1, 100),
+    ),
+    ParamSpec(
+        "outputs.twist_stamp",
+        "source",
+        "cmd_twist header stamp: the source frame's capture stamp, or the command time (MoveIt Servo "
+        "drops twists older than its incoming_command_timeout).",
+        choices=("source", "now"),
+    ),
+    ParamSpec(
+        "state_qos.reliability", "best_effort", "Reliability of joint_states and ee_pose.", choices=qos.RELIABILITIES
+    ),
+)
+
+
+class ConfigError(ValueError):
+    """A parameter value was refused; the message names the parameter."""
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How the node's robot maps onto the checkpoint's action/state dims."""
+
+    action_space: str
+    names: tuple[str, ...]
+    joint_names: tuple[str, ...]
+    gripper: bool
+
+    @property
+    def arm_dims(self) -> int:
+        return len(self.names) - int(self.gripper)
+
+
+def safety_limits(values: dict, layout: _Layout) -> SafetyLimits:
+    """Per-dim limits from the parameters, in the layout's dim order.
+
+    Raises:
+        ConfigError: arrays whose length does not match the joints (named).
+    """
+    if layout.action_space == "joint_position":
+        n = len(layout.joint_names)
+        arrays = {}
+        for key in ("position_min", "position_max", "velocity_max", "acceleration_max"):
+            name = f"limits.joint.{key}"
+            value = tuple(values[name])
+            if len(value) != n:
+                raise ConfigError(f"{name} has {len(value)} values but joint_names has {n}")
+            arrays[key] = value
+        lo, hi, vel, acc = (
+            arrays["position_min"],
+            arrays["position_max"],
+            arrays["velocity_max"],
+            arrays["acceleration_max"],
+        )
+    else:
+        inf = math.inf
+        lo = (*values["limits.ee.workspace_min"], -inf, -inf, -inf)
+        hi = (*values["limits.ee.workspace_max"], inf, inf, inf)
+        vel = (values["limits.ee.linear_velocity_max"],) * 3 + (values["limits.ee.angular_velocity_max"],) * 3
+        acc = (values["limits.ee.linear_acceleration_max"],) * 3 + (values["limits.ee.angular_acceleration_max"],) * 3
+    if layout.gripper:
+        lo, hi = (*lo, 0.0), (*hi, 1.0)
+        vel = (*vel, values["limits.gripper.velocity_max"])
+        acc = (*acc, values["limits.gripper.acceleration_max"])
+    try:
+        return SafetyLimits(position_min=lo, position_max=hi, velocity_max=vel, acceleration_max=acc)
+    except ValueError as exc:
+        prefix = "limits.joint" if layout.action_space == "joint_position" else "limits.ee"
+        raise ConfigError(f"{prefix}: {exc}") from exc
+
+
+class PolicyNode(Node):
+    """Action head + chunk executor + safety as a ROS node, fed tokens in-process.
+
+    Args:
+        tokens: the slot fovea_node publishes its tokens into.
+        encoder_architecture: the running encoder's architecture (checked against the checkpoint).
+        token_dim: the running encoder's token width.
+        kwargs: passed to ``rclpy.node.Node``.
+
+    Raises:
+        ConfigError: a refused parameter, or a checkpoint that does not fit (named).
+    """
+
+    NODE_NAME = "policy_node"
+
+    def __init__(self, tokens: LatestTokens, encoder_architecture: str | None, token_dim: int, **kwargs):
+        super().__init__(self.NODE_NAME, **kwargs)
+        self.tokens = tokens
+        try:
+            self.params = p = declare_all(self, PARAMS)
+            self._configure(encoder_architecture, token_dim)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ConfigError(f"policy_node: invalid configuration: {exc}") from exc
+        self.instruction = ""
+        self.joint_positions: dict[str, float] = {}
+        self.state_stamp_ns = 0
+        self.ee_state: np.ndarray | None = None
+        self.last_frame_ns = 0
+        self.last_chunk_frame_ns = 0
+        self.chunks_predicted = 0
+        self.commands_published = 0
+        self.chunk_latency_ms = float("nan")
+        self.latency = LatencyTracker()
+        self.policy_rate = RateMeter()
+        self.control_rate = RateMeter()
+        self._started = False
+        self._stop_logged: str | None = None
+        self._clock_origin_ns = self.get_clock().now().nanoseconds
+        self._last_command: Command | None = None
+        # The executor and the monitor are touched by the policy timer, the control timer and the
+        # input callbacks, which a multi-threaded executor runs concurrently.
+        self._lock = threading.Lock()
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+        state_qos = qos.sensor(p["state_qos.reliability"], 5)
+        self.create_subscription(JointState, "joint_states", self._on_joint_states, state_qos)
+        if self.layout.action_space == "ee_pose":
+            self.create_subscription(PoseStamped, "ee_pose", self._on_ee_pose, state_qos)
+        self.create_subscription(Bool, "estop", self._on_estop, qos.outputs())
+        self.create_service(Trigger, "rearm", self._on_rearm)
+        out = qos.outputs()
+        self.pub_chunk = self.create_publisher(ActionChunk, "action_chunk", out)
+        self.pub_stats = self.create_publisher(PolicyStats, "policy_stats", out)
+        self.pub_twist = self.pub_trajectory = self.pub_command = self.pub_gripper = None
+        joint_space = self.layout.action_space == "joint_position"
+        if p["outputs.cmd_twist"] and not joint_space:
+            self.pub_twist = self.create_publisher(TwistStamped, "cmd_twist", out)
+        if p["outputs.joint_trajectory"] and joint_space:
+            self.pub_trajectory = self.create_publisher(JointTrajectory, "joint_trajectory", out)
+        if p["outputs.command"] and joint_space:
+            self.pub_command = self.create_publisher(Float64MultiArray, "command", out)
+        if p["outputs.gripper_command"] and self.layout.gripper:
+            self.pub_gripper = self.create_publisher(Float64, "gripper_command", out)
+        self._trajectory_points = p["outputs.trajectory_points"] if self.pub_trajectory is not None else 0
+        active = [
+            pub.topic_name for pub in (self.pub_twist, self.pub_trajectory, self.pub_command, self.pub_gripper) if pub
+        ]
+        self.get_logger().info(
+            f"commands on {', '.join(active) or 'nothing'}; "
+            + ("actions ENABLED" if p["enable_actions"] else "dry run (enable_actions=false): no commands are sent")
+        )
+        # Inference and control on separate groups: a slow chunk never delays a control tick.
+        self.create_timer(1.0 / p["policy.rate_hz"], self._policy_step, MutuallyExclusiveCallbackGroup())
+        self.create_timer(1.0 / p["control_rate_hz"], self._control_tick, MutuallyExclusiveCallbackGroup())
+
+    # -- configuration ---------------------------------------------------------------------
+    def _configure(self, encoder_architecture: str | None, token_dim: int) -> None:
+        p = self.params
+        if not p["policy.checkpoint"]:
+            raise ConfigError("policy.checkpoint is empty: set it to a policy checkpoint folder")
+        if p["executor.min_blend_s"] > p["executor.max_blend_s"]:
+            raise ConfigError(
+                f"executor.min_blend_s={p['executor.min_blend_s']} exceeds "
+                f"executor.max_blend_s={p['executor.max_blend_s']}"
+            )
+        if p["gripper.open_position"] == p["gripper.closed_position"]:
+            raise ConfigError("gripper.open_position equals gripper.closed_position")
+        self.layout = _Layout(
+            action_space=p["action_space"],
+            names=space_names(p["action_space"], p["joint_names"], p["gripper.enabled"]),
+            joint_names=tuple(p["joint_names"]),
+            gripper=p["gripper.enabled"],
+        )
+        try:
+            model, self.spec = load_policy(p["policy.checkpoint"])
+            self.text = SentenceEncoder(TextEncoderConfig(path=p["text_encoder.path"], device=p["text_encoder.device"]))
+            self.spec.check_compatible(
+                encoder_architecture=encoder_architecture,
+                token_dim=token_dim,
+                text_encoder=self.text.name,
+                instruction_dim=self.text.dim,
+                action_space=self.layout.action_space,
+                action_names=self.layout.names,
+                state_names=self.layout.names,
+            )
+        except CheckpointError as exc:
+            raise ConfigError(f"policy.checkpoint={p['policy.checkpoint']!r}: {exc}") from exc
+        if not self.spec.trained:
+            self.get_logger().warning(
+                "policy.checkpoint holds an UNTRAINED (random) action head: use it for wiring tests only"
+            )
+        self.runner = ActionHeadRunner(
+            model, RunnerConfig(device=p["policy.device"], dtype=p["policy.dtype"], cuda_graphs=p["policy.cuda_graphs"])
+        )
+        self.monitor = SafetyMonitor(WatchdogConfig(max_observation_age_s=p["max_observation_age_ms"] * 1e-3))
+        self.chunk_executor = ChunkExecutor(
+            ExecutorConfig(
+                control_rate_hz=p["control_rate_hz"],
+                max_blend_s=p["executor.max_blend_s"],
+                min_blend_s=p["executor.min_blend_s"],
+            ),
+            safety_limits(p, self.layout),
+            self.monitor,
+        )
+        self.get_logger().info(
+            f"policy {self.policy_name}: {self.spec.head.chunk_size} x {self.spec.head.action_dim} actions every "
+            f"{self.spec.step_s:.3f} s on {self.device_label}; "
+            f"instruction embedding {self.text.name} ({self.text.dim}-d)"
+        )
+
+    @property
+    def policy_name(self) -> str:
+        return str(self.params["policy.checkpoint"]).rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def device_label(self) -> str:
+        dtype = str(self.runner.dtype).removeprefix("torch.")
+        graphs = " (CUDA graphs)" if self.runner.cfg.cuda_graphs and self.runner.device.type == "cuda" else ""
+        return f"{self.runner.device} {dtype}{graphs}"
+
+    # -- time ------------------------------------------------------------------------------
+    def _seconds(self, ns: int) -> float:
+        """ROS time [ns] as seconds since the node started (float64 keeps microseconds)."""
+        return (ns - self._clock_origin_ns) * 1e-9
+
+    def _now_s(self) -> float:
+        return self._seconds(self.get_clock().now().nanoseconds)
+
+    def _on_set_parameters(self, parameters) -> SetParametersResult:
+        for parameter in parameters:
+            if parameter.name == "enable_actions":
+                if not isinstance(parameter.value, bool):
+                    return SetParametersResult(successful=False, reason="enable_actions must be a bool")
+                self.params["enable_actions"] = parameter.value
+                self.get_logger().warning(f"enable_actions -> {parameter.value}")
+        return SetParametersResult(successful=True)
+
+    # -- inputs ----------------------------------------------------------------------------
+    def set_instruction(self, text: str) -> None:
+        """The instruction the policy follows (fovea_node forwards its topic and service)."""
+        self.instruction = text
+        start = time.perf_counter()
+        self.text.embed(text)  # embed now, not inside the next policy step
+        self.latency.add("text", (time.perf_counter() - start) * 1e3)
+
+    def _on_joint_states(self, msg: JointState) -> None:
+        if len(msg.position) != len(msg.name):
+            self.get_logger().warning("joint_states without one position per name: ignored", throttle_duration_sec=5.0)
+            return
+        positions = dict(zip(msg.name, msg.position, strict=True))
+        if not all(math.isfinite(v) for v in positions.values()):
+            self.get_logger().warning("joint_states with NaN or inf: ignored", throttle_duration_sec=5.0)
+            return
+        self.joint_positions.update(positions)
+        stamp = stamp_to_ns(msg.header.stamp) or self.get_clock().now().nanoseconds
+        if self.layout.action_space == "joint_position" and all(
+            j in self.joint_positions for j in self.layout.joint_names
+        ):
+            self._state_observed(stamp)
+
+    def _on_ee_pose(self, msg: PoseStamped) -> None:
+        frame = self.params["base_frame"]
+        if msg.header.frame_id and msg.header.frame_id != frame:
+            self.get_logger().warning(
+                f"ee_pose in {msg.header.frame_id!r}, expected base_frame {frame!r}: ignored", throttle_duration_sec=5.0
+            )
+            return
+        o, q = msg.pose.position, msg.pose.orientation
+        values = np.array([o.x, o.y, o.z, q.x, q.y, q.z, q.w], dtype=np.float64)
+        if not np.isfinite(values).all() or np.linalg.norm(values[3:]) < 1e-9:
+            self.get_logger().warning("ee_pose with NaN, inf or a zero quaternion: ignored", throttle_duration_sec=5.0)
+            return
+        self.ee_state = np.concatenate([values[:3], quaternion_to_rpy(*values[3:])])
+        self._state_observed(stamp_to_ns(msg.header.stamp) or self.get_clock().now().nanoseconds)
+
+    def _state_observed(self, stamp_ns: int) -> None:
+        self.state_stamp_ns = stamp_ns
+        with self._lock:
+            self.monitor.observe("state", self._seconds(stamp_ns))
+
+    def _state(self) -> np.ndarray | None:
+        """(S,) the robot state in the checkpoint's order, or None while incomplete."""
+        if self.layout.action_space == "joint_position":
+            if not all(j in self.joint_positions for j in self.layout.joint_names):
+                return None
+            arm = np.array([self.joint_positions[j] for j in self.layout.joint_names])
+        else:
+            if self.ee_state is None:
+                return None
+            arm = self.ee_state
+        if not self.layout.gripper:
+            return arm
+        joint = self.params["gripper.joint"]
+        if joint not in self.joint_positions:
+            return None
+        opened, closed = self.params["gripper.open_position"], self.params["gripper.closed_position"]
+        closure = (opened - self.joint_positions[joint]) / (opened - closed)
+        return np.append(arm, np.clip(closure, 0.0, 1.0))
+
+    def _on_estop(self, msg: Bool) -> None:
+        with self._lock:
+            self.monitor.estop(bool(msg.data), self._now_s())
+        if msg.data:
+            self.get_logger().error("E-STOP engaged: commands stopped until `rearm` is called")
+            self._control_tick()  # act now, not at the next tick
+
+    def _on_rearm(self, request: Trigger.Request, response: Trigger.Response):
+        with self._lock:
+            success, still = self.monitor.rearm(self._now_s())
+        if not success:
+            response.success, response.message = False, f"not re-armed: {still}"
+        else:
+            response.success = True
+            response.message = f"re-armed; still stopped: {still}" if still else "re-armed"
+        self.get_logger().warning(f"rearm: {response.message}")
+        return response
+
+    # -- policy ----------------------------------------------------------------------------
+    def _policy_step(self) -> None:
+        frame = self.tokens.latest()
+        if frame is None or frame.stamp_ns == self.last_chunk_frame_ns:
+            return
+        state = self._state()
+        if state is None:
+            self.get_logger().info("waiting for the robot state (joint_states / ee_pose)", throttle_duration_sec=5.0)
+            return
+        if not self._started:
+            with self._lock:
+                self.chunk_executor.reset(state, self._now_s())
+            self._started = True
+        self.last_chunk_frame_ns = frame.stamp_ns
+        embedding = self.text.embed(self.instruction)
+        output = self.runner.predict(frame.tokens, embedding, state)
+        actions = output.actions
+        if self.layout.action_space == "ee_pose" and self._last_command is not None:
+            actions[:, 3:6] = unwrap_angles(actions[:, 3:6], self._last_command.position[3:6])
+        now_s = self._now_s()
+        chunk = Chunk(
+            actions=actions, start_s=self._seconds(frame.stamp_ns), step_s=self.spec.step_s, stamp_ns=frame.stamp_ns
+        )
+        with self._lock:
+            rejected = self.chunk_executor.add_chunk(chunk, now_s)
+        if rejected:
+            self.get_logger().warning(f"chunk rejected ({rejected})", throttle_duration_sec=2.0)
+        self.chunks_predicted += 1
+        self.chunk_latency_ms = (self.get_clock().now().nanoseconds - frame.stamp_ns) * 1e-6
+        self.policy_rate.tick(time.monotonic())
+        self.latency.add("head", output.timing_ms)
+        if output.device_ms is not None:
+            self.latency.add("head_gpu", output.device_ms)
+        header = Header(stamp=ns_to_stamp(frame.stamp_ns), frame_id=frame.frame_id)
+        if self.params["outputs.action_chunk"]:
+            self.pub_chunk.publish(self._chunk_msg(actions, header, output.timing_ms, rejected))
+        self.pub_stats.publish(self._stats(header))
+
+    def _chunk_msg(self, actions: np.ndarray, header: Header, inference_ms: float, rejected: str | None) -> ActionChunk:
+        step_ns = round(self.spec.step_s * 1e9)
+        finite = np.isfinite(actions).all(axis=1)
+        return ActionChunk(
+            header=header,
+            base_frame=self.params["base_frame"] if self.layout.action_space == "ee_pose" else "",
+            start_offset=Duration(sec=0, nanosec=0),
+            step_period=Duration(sec=step_ns // 1_000_000_000, nanosec=step_ns % 1_000_000_000),
+            action_space=ActionChunk.SPACE_JOINT_POSITION
+            if self.layout.action_space == "joint_position"
+            else ActionChunk.SPACE_EE_POSE,
+            num_steps=actions.shape[0],
+            num_dims=actions.shape[1],
+            dim_names=list(self.layout.names),
+            actions=actions.astype(np.float32).ravel().tolist(),
+            valid=(finite & (rejected is None)).tolist(),
+            policy_name=self.policy_name,
+            inference_ms=float(inference_ms),
+        )
+
+    # -- control ---------------------------------------------------------------------------
+    def _control_tick(self) -> None:
+        start = time.perf_counter()
+        frame = self.tokens.latest()
+        if not self._started:
+            return
+        now_s = self._now_s()
+        with self._lock:
+            if frame is not None and frame.stamp_ns != self.last_frame_ns:
+                self.last_frame_ns = frame.stamp_ns
+                self.monitor.observe("frame", self._seconds(frame.stamp_ns))
+            command = self.chunk_executor.step(now_s)
+            # Points from the next tick on: a point for "now" would already be late on arrival, and
+            # joint_trajectory_controller refuses a trajectory that ends in the past.
+            points = (
+                self.chunk_executor.preview(now_s + self.chunk_executor.cfg.period_s, self._trajectory_points)
+                if self._trajectory_points
+                else []
+            )
+            changed, self._stop_logged = command.stopped != self._stop_logged, command.stopped
+        self._last_command = command
+        self.control_rate.tick(time.monotonic())
+        if changed and command.stopped == "no_chunk":
+            self.get_logger().info("holding position: no chunk to follow")
+        elif changed and command.stopped:
+            self.get_logger().warning(f"commands stopped: {command.stopped}")
+        elif changed:
+            self.get_logger().info("following the policy's chunks")
+        if self.params["enable_actions"]:
+            self._publish_command(command, points)
+        self.latency.add("executor", (time.perf_counter() - start) * 1e3)
+
+    def _publish_command(self, command: Command, points: list[Command]) -> None:
+        now_ns = self.get_clock().now().nanoseconds
+        stamp_ns = command.stamp_ns or now_ns
+        arm = self.layout.arm_dims
+        if self.pub_twist is not None:
+            twist = TwistStamped()
+            twist_stamp = stamp_ns if self.params["outputs.twist_stamp"] == "source" else now_ns
+            twist.header = Header(stamp=ns_to_stamp(twist_stamp), frame_id=self.params["base_frame"])
+            if not command.stopped:
+                v = command.velocity
+                omega = angular_velocity_from_rpy_rates(command.position[3:6], v[3:6])
+                twist.twist.linear.x, twist.twist.linear.y, twist.twist.linear.z = (float(x) for x in v[:3])
+                twist.twist.angular.x, twist.twist.angular.y, twist.twist.angular.z = (float(x) for x in omega)
+            self.pub_twist.publish(twist)
+        if self.pub_trajectory is not None:
+            trajectory = JointTrajectory(
+                header=Header(stamp=ns_to_stamp(stamp_ns)), joint_names=list(self.layout.joint_names)
+            )
+            origin_s = self._seconds(stamp_ns)
+            for item in points:
+                offset_ns = max(0, round((item.time_s - origin_s) * 1e9))
+                trajectory.points.append(
+                    JointTrajectoryPoint(
+                        positions=[float(x) for x in item.position[:arm]],
+                        velocities=[0.0] * arm if item.stopped else [float(x) for x in item.velocity[:arm]],
+                        time_from_start=Duration(sec=offset_ns // 1_000_000_000, nanosec=offset_ns % 1_000_000_000),
+                    )
+                )
+            self.pub_trajectory.publish(trajectory)
+        if self.pub_command is not None:
+            message = Float64MultiArray(data=[float(x) for x in command.position[:arm]])
+            message.layout.dim = [MultiArrayDimension(label="joints", size=arm, stride=arm)]
+            self.pub_command.publish(message)
+        if self.pub_gripper is not None:
+            opened, closed = self.params["gripper.open_position"], self.params["gripper.closed_position"]
+            self.pub_gripper.publish(Float64(data=float(opened + command.position[-1] * (closed - opened))))
+        self.commands_published += 1
+
+    def _stats(self, header: Header) -> PolicyStats:
+        command = self._last_command
+        status = "waiting" if command is None else (f"stopped: {command.stopped}" if command.stopped else "running")
+        now_ns = self.get_clock().now().nanoseconds
+        counters = self.chunk_executor.counters
+        return PolicyStats(
+            header=header,
+            actions_enabled=bool(self.params["enable_actions"]),
+            status=status,
+            action_space=self.layout.action_space,
+            chunks_predicted=self.chunks_predicted,
+            commands_published=self.commands_published,
+            policy_rate_hz=float(self.policy_rate.rate_hz()),
+            control_rate_hz=float(self.control_rate.rate_hz()),
+            chunk_latency_ms=float(self.chunk_latency_ms),
+            observation_age_ms=float((now_ns - self.last_frame_ns) * 1e-6) if self.last_frame_ns else float("nan"),
+            stages=[
+                StageLatency(
+                    stage=stage,
+                    last_ms=self.latency.last(stage),
+                    p50_ms=self.latency.percentile(stage, 50),
+                    p99_ms=self.latency.percentile(stage, 99),
+                )
+                for stage in self.latency.stages()
+            ],
+            interventions=[DropCount(reason=k, count=int(v)) for k, v in sorted(counters.items())],
+            policy_name=self.policy_name,
+            device=self.device_label,
+        )

@@ -1,0 +1,77 @@
+"""vla_stack: fovea_node and policy_node in one process, so tokens reach the policy on the GPU.
+
+The encoder's output tensor is handed to the action head through a :class:`LatestTokens` slot:
+no serialisation, no device-to-host copy, no DDS hop. Both nodes keep their own names,
+parameters and topics (``/**/fovea_node`` and ``/**/policy_node`` sections of the parameter
+files); a multi-threaded executor runs the camera callback, the policy timer and the control
+timer concurrently (torch releases the GIL inside its kernels).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import rclpy
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+
+from fovea_vla.core.policy.observation import LatestTokens
+from fovea_vla.nodes.fovea_node import FoveaNode
+from fovea_vla.nodes.policy_node import PolicyNode
+
+__all__ = ["NODE_NAMES", "build", "main"]
+
+NODE_NAMES = (FoveaNode.NODE_NAME, PolicyNode.NODE_NAME)
+
+
+def build(**node_kwargs) -> tuple[FoveaNode, PolicyNode]:
+    """Create both nodes wired together (rclpy must be initialised).
+
+    Raises:
+        ValueError: a refused parameter of either node, naming it; or an encoder that is off.
+    """
+    tokens = LatestTokens()
+    fovea = FoveaNode(token_sink=tokens.publish, **node_kwargs)
+    try:
+        encoder = fovea.pipeline.encoder
+        if encoder is None:
+            raise ValueError("vla_stack: fovea_node encoder.enabled=false, but the policy needs tokens")
+        policy = PolicyNode(
+            tokens,
+            encoder_architecture=fovea.params["encoder.architecture"],
+            token_dim=encoder.embed_dim,
+            **node_kwargs,
+        )
+    except Exception:
+        fovea.destroy_node()
+        raise
+    fovea.add_instruction_listener(policy.set_instruction)
+    return fovea, policy
+
+
+def main(args=None) -> int:
+    rclpy.init(args=args)
+    nodes = ()
+    executor = None
+    try:
+        try:
+            nodes = build()
+        except (ValueError, OSError, RuntimeError) as exc:
+            rclpy.logging.get_logger("vla_stack").fatal(str(exc))
+            return 2
+        executor = MultiThreadedExecutor(num_threads=4)
+        for node in nodes:
+            executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if executor is not None:
+            executor.shutdown(timeout_sec=2.0)  # let running callbacks finish before the nodes go
+        for node in nodes:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Action head, checkpoints, the inference runner and the instruction embedding."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fovea_vla.core.policy.checkpoint import (
+    SCHEMA_VERSION,
+    CheckpointError,
+    PolicySpec,
+    load_policy,
+    read_spec,
+    save_policy,
+)
+from fovea_vla.core.policy.head import ActionHead, ActionHeadConfig
+from fovea_vla.core.policy.runner import ActionHeadRunner, RunnerConfig
+
+HEAD = ActionHeadConfig(
+    token_dim=32,
+    instruction_dim=24,
+    state_dim=8,
+    action_dim=8,
+    chunk_size=6,
+    width=64,
+    depth=2,
+    num_heads=4,
+    delta_state_indices=(0, 1, 2, 3, 4, 5, 6, -1),
+)
+JOINTS = tuple(f"joint{i}" for i in range(1, 8))
+
+
+def make_spec(head: ActionHeadConfig = HEAD, **changes) -> PolicySpec:
+    values = dict(
+        head=head,
+        action_space="joint_position",
+        action_names=(*JOINTS, "gripper"),
+        state_names=(*JOINTS, "gripper"),
+        step_s=0.1,
+        encoder_architecture="vit_tiny_patch16",
+        text_encoder="all-MiniLM-L6-v2",
+        provenance={"seed": 3},
+    )
+    values.update(changes)
+    return PolicySpec(**values)
+
+
+def make_model(seed: int = 3) -> ActionHead:
+    model = ActionHead.from_config(HEAD, seed=seed)
+    rng = np.random.default_rng(seed)
+    model.set_normalization(
+        rng.normal(size=8), rng.uniform(0.5, 2, 8), rng.normal(size=8) * 0.1, rng.uniform(0.1, 1, 8)
+    )
+    return model.eval()
+
+
+def inputs(n_tokens: int = 20, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, n_tokens, 32, generator=g), torch.randn(1, 24, generator=g), torch.randn(1, 8, generator=g)
+
+
+def test_forward_shapes_and_delta_dims_follow_the_state():
+    model = make_model()
+    tokens, instruction, state = inputs()
+    actions = model(tokens, instruction, state)
+    assert actions.shape == (1, 6, 8) and actions.dtype == torch.float32
+    # forward() is the normalised output mapped back to robot units, state added on the delta dims.
+    out = model.forward_normalized(tokens, instruction, state)
+    torch.testing.assert_close(model.targets(actions, state), out, rtol=1e-5, atol=1e-5)
+
+
+def test_targets_invert_forward_for_absolute_and_delta_dims():
+    model = make_model()
+    state = inputs(seed=1)[2]
+    actions = torch.randn(1, 6, 8)
+    normalized = model.targets(actions, state)
+    rebuilt = normalized * model.action_std + model.action_mean + model._state_offset(state)
+    torch.testing.assert_close(rebuilt, actions, rtol=1e-5, atol=1e-5)
+
+
+def test_save_load_round_trip(tmp_path):
+    model, spec = make_model(), make_spec()
+    save_policy(tmp_path / "ckpt", model, spec)
+    loaded, loaded_spec = load_policy(tmp_path / "ckpt")
+    assert loaded_spec == spec
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value, rtol=0, atol=0)
+    batch = inputs()
+    torch.testing.assert_close(loaded(*batch), model(*batch), rtol=0, atol=0)
+    document = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert document["schema_version"] == SCHEMA_VERSION and document["format"] == "fovea_vla.policy"
+
+
+def test_mismatched_weights_are_refused_with_the_tensor_named(tmp_path):
+    save_policy(tmp_path / "ckpt", make_model(), make_spec())
+    config = tmp_path / "ckpt" / "config.json"
+    document = json.loads(config.read_text())
+    document["head"]["width"] = 128  # the weights were saved at width 64
+    config.write_text(json.dumps(document))
+    with pytest.raises(
+        CheckpointError, match=r"token_proj.weight has shape \(64, 32\), config.json implies \(128, 32\)"
+    ):
+        load_policy(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("schema_version", 2, "schema_version=2, this fovea_vla reads version 1 .*newer"),
+        ("schema_version", None, "schema_version=None"),
+        ("format", "lerobot", "format='lerobot', expected 'fovea_vla.policy'"),
+        ("action_space", "torque", "action_space='torque'"),
+        ("step_s", -1, "step_s=-1"),
+    ],
+)
+def test_bad_config_fields_are_refused(tmp_path, field, value, message):
+    save_policy(tmp_path / "ckpt", make_model(), make_spec())
+    config = tmp_path / "ckpt" / "config.json"
+    document = json.loads(config.read_text())
+    document[field] = value
+    config.write_text(json.dumps(document))
+    with pytest.raises(CheckpointError, match=message):
+        read_spec(tmp_path / "ckpt")
+
+
+def test_missing_pieces_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="no such folder"):
+        load_policy(tmp_path / "absent")
+    save_policy(tmp_path / "ckpt", make_model(), make_spec())
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors"):
+        load_policy(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        read_spec(tmp_path / "ckpt")
+
+
+def test_compatibility_checks_name_the_mismatch():
+    spec = make_spec()
+    spec.check_compatible(encoder_architecture="vit_tiny_patch16", token_dim=32, action_names=(*JOINTS, "gripper"))
+    with pytest.raises(CheckpointError, match=r"encoder\.architecture=.vit_tiny_patch16. but this node runs"):
+        spec.check_compatible(encoder_architecture="vit_base_patch16")
+    with pytest.raises(CheckpointError, match="state_names"):
+        spec.check_compatible(state_names=("a",) * 8)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"width": 63}, "policy.width=63: must be divisible"),
+        ({"chunk_size": 0}, "policy.chunk_size=0"),
+        ({"delta_state_indices": (0, 1)}, "policy.delta_state_indices"),
+        ({"delta_state_indices": (9,) * 8}, "policy.delta_state_indices"),
+        ({"mlp_ratio": -1.0}, "policy.mlp_ratio"),
+    ],
+)
+def test_config_validation_names_the_field(changes, message):
+    values = HEAD.to_dict() | changes
+    values["delta_state_indices"] = tuple(values["delta_state_indices"])
+    with pytest.raises(ValueError, match=message):
+        ActionHeadConfig(**values)
+
+
+def test_runner_matches_the_module_on_cpu():
+    model = make_model()
+    tokens, instruction, state = inputs(n_tokens=17)
+    expected = model(tokens, instruction, state)[0].detach().double().numpy()
+    runner = ActionHeadRunner(make_model(), RunnerConfig(device="cpu"))
+    out = runner.predict(tokens[0], instruction[0].numpy(), state[0].numpy())
+    assert out.actions.shape == (6, 8) and out.actions.dtype == np.float64 and out.device_ms is None
+    np.testing.assert_allclose(out.actions, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_runner_refuses_bad_inputs():
+    runner = ActionHeadRunner(make_model(), RunnerConfig(device="cpu"))
+    tokens, instruction, state = inputs()
+    with pytest.raises(ValueError, match="state holds NaN"):
+        runner.predict(tokens[0], instruction[0], np.full(8, np.nan))
+    with pytest.raises(ValueError, match=r"tokens must be \(N, 32\)"):
+        runner.predict(torch.zeros(5, 31), instruction[0], state[0])
+    with pytest.raises(ValueError, match="state must have 8 values"):
+        runner.predict(tokens[0], instruction[0], np.zeros(3))
+
+
+@pytest.mark.gpu
+def test_runner_cuda_graphs_match_eager_fp32_and_fp16():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    tokens, instruction, state = inputs(n_tokens=273)
+    reference = make_model()(tokens, instruction, state)[0].detach().double().numpy()
+    eager = ActionHeadRunner(make_model(), RunnerConfig(device="cuda", dtype="float32", cuda_graphs=False))
+    graphs32 = ActionHeadRunner(make_model(), RunnerConfig(device="cuda", dtype="float32"))
+    graphs16 = ActionHeadRunner(make_model(), RunnerConfig(device="cuda"))
+    assert graphs16.dtype == torch.float16
+    cuda_tokens = tokens[0].cuda()
+    np.testing.assert_allclose(eager.predict(cuda_tokens, instruction[0], state[0]).actions, reference, atol=1e-4)
+    for _ in range(3):  # capture, then replays with new inputs copied in
+        out = graphs32.predict(cuda_tokens, instruction[0], state[0])
+        assert out.graph and out.device_ms is not None
+        np.testing.assert_allclose(out.actions, reference, atol=1e-4)
+    other = inputs(n_tokens=273, seed=5)
+    np.testing.assert_allclose(
+        graphs32.predict(other[0][0].cuda(), other[1][0], other[2][0]).actions,
+        make_model()(*other)[0].detach().double().numpy(),
+        atol=1e-4,
+    )
+    half = graphs16.predict(cuda_tokens, instruction[0], state[0]).actions
+    scale = np.abs(reference).max()
+    assert np.abs(half - reference).max() <= 2e-2 * scale
+    assert graphs32.graph_token_counts == [273]
