@@ -566,6 +566,12 @@ class PolicyNode(Node):
             self.get_logger().warning(f"commands stopped: {command.stopped}")
         elif changed:
             self.get_logger().info("following the policy's chunks")
+        if command.clamped:
+            self.get_logger().warning(
+                f"safety limits clamped the command ({', '.join(sorted(command.clamped))}); "
+                "counts in policy_stats.interventions",
+                throttle_duration_sec=2.0,
+            )
         if self.params["enable_actions"]:
             self._publish_command(command, points)
         self.latency.add("executor", (time.perf_counter() - start) * 1e3)

@@ -176,7 +176,9 @@ def test_joint_trajectories_carry_the_source_frame_stamp_and_stay_in_limits(ros_
     ros_probe.wait_for(lambda: robot.stats[-1].chunks_predicted >= 3, 30.0, "stats of three chunks", processes)
     stats = robot.stats[-1]
     assert stats.actions_enabled and stats.action_space == "joint_position"
-    assert stats.commands_published > 0 and stats.status == "running"
+    assert stats.commands_published > 0
+    # Between chunks on a loaded CI machine the executor may have run out of chunk and hold (no_chunk).
+    assert stats.status in ("running", "stopped: no_chunk"), stats.status
     assert {"head", "executor", "text"} <= {s.stage for s in stats.stages}
 
 
@@ -231,3 +233,28 @@ def test_ee_dry_run_publishes_chunks_but_no_twists_until_enabled(ros_probe, ee_s
         assert stamp_to_ns(twist.header.stamp) in robot.image_stamps
         speed = np.abs([twist.twist.linear.x, twist.twist.linear.y, twist.twist.linear.z])
         assert np.all(speed <= 0.25 + 1e-9)  # limits.ee.linear_velocity_max
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({}, "policy.checkpoint is empty"),
+        ({"limits.joint.velocity_max": [1.0, 1.0]}, "limits.joint.velocity_max has 2 values but joint_names has 7"),
+        ({"action_space": "ee_pose"}, "action_space='joint_position' but this node runs action_space='ee_pose'"),
+        ({"policy.dtype": "float8"}, "policy.dtype"),
+    ],
+)
+def test_invalid_policy_parameters_are_refused_at_startup_naming_them(tmp_path, overrides, needle):
+    write_checkpoint(tmp_path / "policy", "joint_position")
+    params = {} if not overrides else {"policy.checkpoint": str(tmp_path / "policy"), **overrides}
+    graph = node_graph(config="cpu.yaml", use_replay=False, policy=True)
+    processes = GraphProcesses(graph, namespace="badpolicy", parameters={"policy_node": params}, log_dir=tmp_path)
+    processes.start()
+    try:
+        process = processes.processes["vla_stack"]
+        process.wait(timeout=120)
+    finally:
+        processes.stop()
+    output = (tmp_path / "vla_stack.log").read_text()
+    assert process.returncode == 2, output
+    assert "FATAL" in output and needle in output and "Traceback" not in output, output
