@@ -16,6 +16,7 @@ setup(
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
         (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.rviz")),
+        *((f"share/{PACKAGE}/{folder}", glob(f"{folder}/*")) for folder in sorted(glob("policies/*"))),
     ],
     # ROS dependencies come from package.xml (rosdep) or requirements/ros.txt (PyPI wheels).
     install_requires=["setuptools"],
@@ -25,6 +26,7 @@ setup(
             "fovea_node = fovea_vla.nodes.fovea_node:main",
             "camera_replay = fovea_vla.nodes.camera_replay:main",
             "vla_stack = fovea_vla.nodes.vla_stack:main",
+            "sim_bridge = fovea_vla.nodes.sim_bridge:main",
             "fovea-vla = fovea_vla.cli:main",
         ],
     },

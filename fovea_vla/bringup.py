@@ -19,6 +19,7 @@ __all__ = [
     "config_dir",
     "node_graph",
     "parameter_file_paths",
+    "resolve_package_path",
 ]
 
 PACKAGE = "fovea_vla"
@@ -53,6 +54,12 @@ LAUNCH_ARGUMENTS = (
         "alone. Needs policy_node's policy.checkpoint in the parameter file.",
     ),
     LaunchArgument("use_replay", "true", "Start camera_replay to publish the camera topics."),
+    LaunchArgument(
+        "sim",
+        "false",
+        "Start sim_bridge: the simulated tabletop task as robot and camera (use with policy:=true, "
+        "config:=sim.yaml, use_replay:=false).",
+    ),
     LaunchArgument("replay_source", "synthetic", "camera_replay source: synthetic, a video, an image folder or a bag."),
     LaunchArgument("namespace", "", "Namespace for every node of the graph."),
     LaunchArgument("rviz", "false", "Start RViz2 with config/fovea_vla.rviz."),
@@ -96,6 +103,24 @@ def config_dir() -> Path:
     return Path(get_package_share_directory(PACKAGE)) / "config"
 
 
+def resolve_package_path(path: str) -> str:
+    """``package://<package>/<relative path>`` as a file path (the source checkout's folder for
+    fovea_vla when running from one, else the package's share folder); other paths unchanged.
+
+    >>> resolve_package_path("/tmp/policy")
+    '/tmp/policy'
+    """
+    prefix = "package://"
+    if not path.startswith(prefix):
+        return path
+    package, _, relative = path[len(prefix) :].partition("/")
+    if package == PACKAGE:
+        return str(config_dir().parent / relative)
+    from ament_index_python.packages import get_package_share_directory
+
+    return str(Path(get_package_share_directory(package)) / relative)
+
+
 def parameter_file_paths(files: tuple[str, ...]) -> list[Path]:
     """Absolute paths of parameter files named relative to config/."""
     base = config_dir()
@@ -127,12 +152,15 @@ def node_graph(
     replay_source: str = "synthetic",
     rviz: str | bool = False,
     policy: str | bool = False,
+    sim: str | bool = False,
     **_ignored,
 ) -> list[NodeSpec]:
     """Processes of the graph for the given launch arguments (same names as LAUNCH_ARGUMENTS)."""
     files = (BASE_CONFIG,) if config == BASE_CONFIG else (BASE_CONFIG, config)
     remap = tuple(camera_topics(camera_topic).items())
     graph = []
+    if _truthy(sim):
+        graph.append(NodeSpec(PACKAGE, "sim_bridge", "sim_bridge", files, {}, remap))
     if _truthy(use_replay):
         graph.append(NodeSpec(PACKAGE, "camera_replay", "camera_replay", files, {"source": replay_source}, remap))
     if _truthy(policy):

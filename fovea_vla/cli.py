@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from fovea_vla.sim_cli import parse_image_size
+
 __all__ = ["main"]
 
 
@@ -220,8 +222,9 @@ def _cmd_bench_encoder(args) -> int:
         architecture=args.architecture,
         runs=args.runs,
         dirty_fraction=args.dirty_fraction,
-        video=Path(args.video) if args.video else encoder_node.DEFAULT_VIDEO,
+        video=None if args.video == "none" else Path(args.video) if args.video else encoder_node.DEFAULT_VIDEO,
         video_frames=args.video_frames,
+        encoder_image=args.encoder_image,
     )
     table = encoder_node.format_table(results)
     return _report_bench(args, "encoder", "Vision stage: texture, encoder, token reuse", table, results)
@@ -268,7 +271,16 @@ def _add_bench_encoder_parser(bench_sub) -> None:
     encoder.add_argument("--architecture", default="vit_base_patch16", help="encoder size, e.g. vit_tiny_patch16")
     encoder.add_argument("--runs", type=int, default=100, help="timed runs per stage (CPU encoder: 3)")
     encoder.add_argument("--dirty-fraction", type=float, default=0.1, help="share of 32-px tiles changed per frame")
-    encoder.add_argument("--video", default=None, help="static-camera video for token reuse (default: video03)")
+    encoder.add_argument(
+        "--video", default=None, help="static-camera video for token reuse (default: video03; none: skip)"
+    )
+    encoder.add_argument(
+        "--encoder-image",
+        type=parse_image_size,
+        default=None,
+        help="WxH: compare foveated and full-resolution tokens of one image of this size "
+        "(default: foveated 1920x1080 against the 1024x1024 grid)",
+    )
     encoder.add_argument("--video-frames", type=int, default=2000, help="frames of the video to run")
     encoder.add_argument("--json", default=None, help="also write the results as JSON here")
     encoder.add_argument("--no-append", action="store_true", help="do not append to docs/BENCHMARKS.md")
@@ -352,6 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     from fovea_vla.policy_cli import add_policy_parser
 
     add_policy_parser(sub)
+
+    from fovea_vla.train_cli import add_train_parser
+
+    add_train_parser(sub)
+
+    from fovea_vla.sim_cli import add_sim_parsers
+
+    add_sim_parsers(sub)
 
     bench = sub.add_parser("bench", help="benchmarks; print a table and append it to docs/BENCHMARKS.md")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

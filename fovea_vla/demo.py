@@ -22,7 +22,7 @@ from fovea_vla.bringup import node_graph
 from fovea_vla.core.fixation import FixationSource
 from fovea_vla.launcher import GraphProcesses
 
-__all__ = ["run_demo"]
+__all__ = ["ros_environment", "run_demo"]
 
 # Why a frame can be missing between camera_replay and fovea_node, for the summary.
 DROP_EXPLANATIONS = {
@@ -32,7 +32,7 @@ DROP_EXPLANATIONS = {
 }
 
 
-def _ros_environment(domain_id: int | None) -> dict[str, str]:
+def ros_environment(domain_id: int | None) -> dict[str, str]:
     env = dict(os.environ)
     if "ROS_LOCALHOST_ONLY" not in env:
         env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
@@ -155,7 +155,7 @@ def run_demo(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = _ros_environment(domain_id)
+    env = ros_environment(domain_id)
     os.environ.update({k: v for k, v in env.items() if k.startswith("ROS_")})
     fps = 30.0
     graph = node_graph(config=config, use_replay=True, replay_source="synthetic")

@@ -65,6 +65,23 @@ def command_for(
     return argv
 
 
+def _nested(parameters: dict) -> dict:
+    """``{"a.b": 1}`` as ``{"a": {"b": 1}}``: rcl lets a dotted key in a later file lose against
+    the nested form of the same parameter in an earlier one, so overrides are written nested.
+
+    >>> _nested({"policy.checkpoint": "/p", "policy.rate_hz": 5.0, "enable_actions": True})
+    {'policy': {'checkpoint': '/p', 'rate_hz': 5.0}, 'enable_actions': True}
+    """
+    tree: dict = {}
+    for name, value in parameters.items():
+        *groups, leaf = name.split(".")
+        node = tree
+        for group in groups:
+            node = node.setdefault(group, {})
+        node[leaf] = list(value) if isinstance(value, tuple) else value
+    return tree
+
+
 class GraphProcesses:
     """Starts every node of a graph as a subprocess and stops them together.
 
@@ -114,7 +131,7 @@ class GraphProcesses:
         """For a multi-node process, its nodes' overrides as one parameter file (``/**/<node>``
         sections): ``-p`` would give every node of the process the same value."""
         sections = {
-            f"/**/{node}": {"ros__parameters": self.parameters[node]}
+            f"/**/{node}": {"ros__parameters": _nested(self.parameters[node])}
             for node in spec.node_names
             if node in self.parameters
         }

@@ -118,12 +118,19 @@ def _encoder_rows(encoder: FoveatedEncoder, args: dict) -> dict:
 
     device = str(encoder.device)
     runs, warmup = args["encoder_runs"], args["encoder_warmup"]
-    width, height = RESOLUTIONS["1920x1080"]
+    # Default: the foveated layout of a 1080p frame against the 1024x1024 grid (4,096 tokens);
+    # with an encoder image size, both from that one image (e.g. the simulator's camera).
+    width, height = args["encoder_image"] or RESOLUTIONS["1920x1080"]
+    grid_w, grid_h = args["encoder_image"] or (1024, 1024)
     layout = foveated_layout(FoveationConfig(), width, height, (0.45 * width, 0.55 * height))
-    grid_centers, _, grid_levels = full_resolution_layout(1024, 1024, 16)
+    grid_centers, _, grid_levels = full_resolution_layout(grid_w, grid_h, 16)
     cases = {
-        f"foveated {layout.num_tokens} tokens": (layout.centers, layout.levels, (width, height)),
-        f"full resolution {len(grid_centers)} tokens (1024x1024)": (grid_centers, grid_levels, (1024, 1024)),
+        f"foveated {layout.num_tokens} tokens ({width}x{height})": (layout.centers, layout.levels, (width, height)),
+        f"full resolution {len(grid_centers)} tokens ({grid_w}x{grid_h})": (
+            grid_centers,
+            grid_levels,
+            (grid_w, grid_h),
+        ),
     }
     rows = {}
     for name, (centers, levels, size) in cases.items():
@@ -180,6 +187,7 @@ def run(
     dirty_fraction: float = 0.1,
     video: Path | None = DEFAULT_VIDEO,
     video_frames: int = 2000,
+    encoder_image: tuple[int, int] | None = None,
 ) -> dict:
     """Time every stage; returns a JSON-able dict (see :func:`format_table`)."""
     texture_device = TextureConfig(device=device).resolved_device()
@@ -191,6 +199,7 @@ def run(
         "dirty_fraction": dirty_fraction,
         "encoder_runs": encoder_runs or (runs if on_gpu else 3),
         "encoder_warmup": warmup if on_gpu else 1,
+        "encoder_image": encoder_image,
     }
     results: dict = {"architecture": architecture, "device": texture_device, "texture": {}, "skipped": {}}
     for backend in backends or TEXTURE_BACKENDS.names():

@@ -30,6 +30,7 @@ from fovea_vla.core.frames import Frame
 from fovea_vla.core.pipeline import FoveaPipeline, PipelineConfig
 from fovea_vla.core.policy.executor import Chunk, ChunkExecutor, ExecutorConfig
 from fovea_vla.core.policy.head import ActionHead, ActionHeadConfig
+from fovea_vla.core.policy.observation import token_positions
 from fovea_vla.core.policy.runner import ActionHeadRunner, RunnerConfig
 from fovea_vla.core.policy.safety import SafetyLimits
 from fovea_vla.core.synthetic import SyntheticScene, SyntheticSceneConfig
@@ -68,6 +69,7 @@ def _head_latency(device: str, token_dim: int, runs: int, warmup: int) -> dict:
     instruction = rng.normal(size=384).astype(np.float32)
     state = rng.normal(size=STATE_DIM)
     tokens = torch.randn(273, token_dim, device=device)
+    positions = rng.uniform(0.0, 1.0, size=(273, 3)).astype(np.float32)
     rows = {}
     modes = [("graphs", True), ("eager", False)] if device.startswith("cuda") else [("eager", False)]
     for name in HEADS:
@@ -75,7 +77,7 @@ def _head_latency(device: str, token_dim: int, runs: int, warmup: int) -> dict:
             runner = ActionHeadRunner(_head(token_dim, name), RunnerConfig(device=device, cuda_graphs=graphs))
             wall, gpu = [], []
             for i in range(runs + warmup):
-                out = runner.predict(tokens, instruction, state)
+                out = runner.predict(tokens, positions, instruction, state)
                 if i >= warmup:
                     wall.append(out.timing_ms)
                     if out.device_ms is not None:
@@ -115,10 +117,13 @@ def _frame_to_command(device: str, architecture: str, resolution: str, frames: i
         frame = Frame(rgb=rendered[i % len(rendered)], stamp_ns=int((capture - origin) * 1e9), frame_id="camera")
         output = pipeline.process(frame)
         tokens_ready = time.perf_counter()
-        head = runner.predict(output.tokens, instruction, state)
+        positions = token_positions(output.layout.centers, output.layout.levels, width, height)
+        head = runner.predict(output.tokens, positions, instruction, state)
         chunk_ready = time.perf_counter()
         now_s = chunk_ready - origin
-        executor.add_chunk(Chunk(head.actions, start_s=capture - origin, step_s=STEP_S, stamp_ns=frame.stamp_ns), now_s)
+        # Action i of a chunk is the target for one step after the observation, plus i steps.
+        chunk = Chunk(head.actions, start_s=capture - origin + STEP_S, step_s=STEP_S, stamp_ns=frame.stamp_ns)
+        executor.add_chunk(chunk, now_s)
         command = executor.step(now_s)
         done = time.perf_counter()
         if i >= warmup:

@@ -21,6 +21,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, JointState
 from std_msgs.msg import Bool, Header, String
 from visualization_msgs.msg import MarkerArray
 
+from fovea_vla.bringup import resolve_package_path
 from fovea_vla.core.coherence import CoherenceConfig
 from fovea_vla.core.encoder import ARCHITECTURES, EncoderConfig
 from fovea_vla.core.fixation import FixationConfig
@@ -30,7 +31,7 @@ from fovea_vla.core.foveation import AdaptiveBudgetConfig, FoveationConfig
 from fovea_vla.core.frames import FrameError
 from fovea_vla.core.overlay import draw_overlay
 from fovea_vla.core.pipeline import FoveaPipeline, PipelineConfig, PipelineOutput
-from fovea_vla.core.policy.observation import TokenFrame
+from fovea_vla.core.policy.observation import TokenFrame, token_positions
 from fovea_vla.core.slip import SlipConfig, project_box
 from fovea_vla.core.slip_stage import Grasp, SlipStageConfig
 from fovea_vla.core.stats import DropCounter, LatencyTracker, RateMeter
@@ -201,7 +202,8 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec(
         "encoder.checkpoint",
         "",
-        "Local .safetensors ViT checkpoint (timm, Hugging Face or our own layout); empty = seeded random init.",
+        "Local .safetensors ViT checkpoint (timm, Hugging Face or our own layout; a path or "
+        "package://<package>/<path>); empty = seeded random init.",
     ),
     ParamSpec("encoder.checkpoint_format", "auto", "Checkpoint key layout.", choices=("auto", "timm", "hf")),
     ParamSpec(
@@ -437,7 +439,7 @@ def pipeline_config(values: dict) -> PipelineConfig:
             ),
             encoder=EncoderConfig(
                 architecture=values["encoder.architecture"],
-                checkpoint=values["encoder.checkpoint"] or None,
+                checkpoint=resolve_package_path(values["encoder.checkpoint"]) or None,
                 checkpoint_format=values["encoder.checkpoint_format"],
                 dtype=values["encoder.dtype"],
                 device=values["encoder.device"],
@@ -583,6 +585,7 @@ class FoveaNode(Node):
             self._token_sink(
                 TokenFrame(
                     tokens=output.tokens,
+                    positions=token_positions(output.layout.centers, output.layout.levels, output.width, output.height),
                     stamp_ns=output.stamp_ns,
                     frame_id=output.frame_id,
                     tokens_stamp_ns=output.tokens_stamp_ns,

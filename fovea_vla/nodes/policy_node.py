@@ -31,6 +31,7 @@ from std_msgs.msg import Bool, Float64, Float64MultiArray, Header, MultiArrayDim
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
+from fovea_vla.bringup import resolve_package_path
 from fovea_vla.core.policy.checkpoint import ACTION_SPACES, CheckpointError, load_policy
 from fovea_vla.core.policy.executor import Chunk, ChunkExecutor, Command, ExecutorConfig
 from fovea_vla.core.policy.observation import LatestTokens
@@ -57,7 +58,11 @@ PANDA_VELOCITY_MAX = (2.175, 2.175, 2.175, 2.175, 2.61, 2.61, 2.61)
 PANDA_ACCELERATION_MAX = (15.0, 7.5, 10.0, 12.5, 15.0, 20.0, 20.0)
 
 PARAMS: tuple[ParamSpec, ...] = (
-    ParamSpec("policy.checkpoint", "", "Policy checkpoint folder (config.json + model.safetensors); required."),
+    ParamSpec(
+        "policy.checkpoint",
+        "",
+        "Policy checkpoint folder (config.json + model.safetensors; a path or package://<package>/<path>); required.",
+    ),
     ParamSpec("policy.rate_hz", 10.0, "How often the action head runs on the newest tokens [Hz].", range=(0.1, 1000.0)),
     ParamSpec("policy.device", "auto", "Torch device of the action head: auto, cpu or cuda[:N]."),
     ParamSpec(
@@ -243,6 +248,24 @@ def safety_limits(values: dict, layout: _Layout) -> SafetyLimits:
         raise ConfigError(f"{prefix}: {exc}") from exc
 
 
+def safety_limits_from_files(config: str, spec) -> SafetyLimits:
+    """The limits policy_node would enforce for checkpoint ``spec`` with parameter file ``config``
+    (applied on top of fovea_vla.yaml), for in-process evaluation.
+
+    Raises:
+        ConfigError: as :func:`safety_limits`.
+    """
+    from fovea_vla.bringup import BASE_CONFIG, parameter_file_paths
+    from fovea_vla.nodes.params import values_from_files
+
+    files = (BASE_CONFIG,) if config == BASE_CONFIG else (BASE_CONFIG, config)
+    values = values_from_files(PARAMS, parameter_file_paths(files), PolicyNode.NODE_NAME)
+    gripper = spec.action_names[-1] == "gripper"
+    joints = spec.action_names[:-1] if gripper else spec.action_names
+    layout = _Layout(spec.action_space, spec.action_names, tuple(joints), gripper)
+    return safety_limits(values, layout)
+
+
 class PolicyNode(Node):
     """Action head + chunk executor + safety as a ROS node, fed tokens in-process.
 
@@ -337,7 +360,7 @@ class PolicyNode(Node):
             gripper=p["gripper.enabled"],
         )
         try:
-            model, self.spec = load_policy(p["policy.checkpoint"])
+            model, self.spec = load_policy(resolve_package_path(p["policy.checkpoint"]))
             self.text = SentenceEncoder(TextEncoderConfig(path=p["text_encoder.path"], device=p["text_encoder.device"]))
             self.spec.check_compatible(
                 encoder_architecture=encoder_architecture,
@@ -495,15 +518,22 @@ class PolicyNode(Node):
             self._started = True
         self.last_chunk_frame_ns = frame.stamp_ns
         embedding = self.text.embed(self.instruction)
-        output = self.runner.predict(frame.tokens, embedding, state)
+        output = self.runner.predict(frame.tokens, frame.positions, embedding, state)
         actions = output.actions
         if self.layout.action_space == "ee_pose" and self._last_command is not None:
             actions[:, 3:6] = unwrap_angles(actions[:, 3:6], self._last_command.position[3:6])
         now_s = self._now_s()
         chunk = Chunk(
-            actions=actions, start_s=self._seconds(frame.stamp_ns), step_s=self.spec.step_s, stamp_ns=frame.stamp_ns
+            actions=actions,
+            start_s=self._seconds(frame.stamp_ns) + self.spec.step_s,
+            step_s=self.spec.step_s,
+            stamp_ns=frame.stamp_ns,
         )
         with self._lock:
+            if self._last_command is not None and self._last_command.stopped is not None:
+                # Holding (a stop, or no chunk to follow): the arm may have been moved meanwhile (by
+                # hand, a reset), so the next chunk starts from where it is, not from the last command.
+                self.chunk_executor.reset(state, now_s)
             rejected = self.chunk_executor.add_chunk(chunk, now_s)
         if rejected:
             self.get_logger().warning(f"chunk rejected ({rejected})", throttle_duration_sec=2.0)
@@ -524,7 +554,7 @@ class PolicyNode(Node):
         return ActionChunk(
             header=header,
             base_frame=self.params["base_frame"] if self.layout.action_space == "ee_pose" else "",
-            start_offset=Duration(sec=0, nanosec=0),
+            start_offset=Duration(sec=step_ns // 1_000_000_000, nanosec=step_ns % 1_000_000_000),
             step_period=Duration(sec=step_ns // 1_000_000_000, nanosec=step_ns % 1_000_000_000),
             action_space=ActionChunk.SPACE_JOINT_POSITION
             if self.layout.action_space == "joint_position"

@@ -73,7 +73,7 @@ def test_launch_file_builds_its_nodes_from_bringup():
 
 def test_launch_arguments_match_node_graph_signature():
     names = {a.name for a in LAUNCH_ARGUMENTS}
-    assert names == {"config", "camera_topic", "use_replay", "replay_source", "namespace", "rviz", "policy"}
+    assert names == {"config", "camera_topic", "use_replay", "replay_source", "namespace", "rviz", "policy", "sim"}
     node_graph(**{a.name: a.default for a in LAUNCH_ARGUMENTS})
 
 
@@ -91,7 +91,7 @@ def test_policy_runs_both_nodes_in_one_process_with_node_scoped_overrides(tmp_pa
     sections = yaml.safe_load(files[0].read_text())
     assert sections == {
         "/**/policy_node": {"ros__parameters": {"enable_actions": True}},
-        "/**/fovea_node": {"ros__parameters": {"flow.grid": 2}},
+        "/**/fovea_node": {"ros__parameters": {"flow": {"grid": 2}}},
     }
     processes.stop()
     assert not files[0].exists()

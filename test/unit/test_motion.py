@@ -250,6 +250,103 @@ def test_deterministic_across_calls_and_instances(shared_data):
         assert runs[0].cut_score == other.cut_score
 
 
+def _direct_independent_test(prev, cur, flow, ego_flow, grid, cfg):
+    """(Hg, Wg) bool: the independent-motion test of the module docstring, block by block.
+
+    Samples with cv2.remap like the analyzer (OpenCV's fixed-point bilinear), so the errors,
+    and therefore the verdicts, must agree exactly, not just within a tolerance.
+    """
+    height, width = prev.shape
+    hg, wg = flow.shape[:2]
+    if grid == 1:
+        px, py = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
+        camera_map, flow_map = (
+            cv2.boxFilter(
+                cv2.absdiff(
+                    cv2.remap(cur, px + d[..., 0], py + d[..., 1], cv2.INTER_LINEAR, None, cv2.BORDER_REPLICATE), prev
+                ),
+                cv2.CV_32F,
+                (3, 3),
+            )
+            for d in (ego_flow, flow)
+        )
+    centres_x, centres_y = motion_mod._block_centres(width, grid), motion_mod._block_centres(height, grid)
+    residual = flow - ego_flow
+    verified = np.zeros((hg, wg), bool)
+    for i, j in np.argwhere(cv2.magnitude(residual[..., 0], residual[..., 1]) > cfg.motion_threshold_px):
+        errors = []
+        for d in (ego_flow[i, j], flow[i, j]):
+            x, y = centres_x[j] + d[0], centres_y[i] + d[1]
+            if not (0 <= x <= width - 1 and 0 <= y <= height - 1):
+                break
+            if grid == 1:
+                errors.append(float((camera_map if len(errors) == 0 else flow_map)[i, j]))
+                continue
+            ys = np.minimum(i * grid + np.arange(grid), height - 1)
+            xs = np.minimum(j * grid + np.arange(grid), width - 1)
+            map_x = np.repeat(xs[None, :].astype(np.float32) + d[0], grid, axis=0)
+            map_y = np.repeat(ys[:, None].astype(np.float32) + d[1], grid, axis=1)
+            sampled = cv2.remap(cur, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            errors.append(int(cv2.absdiff(sampled, prev[np.ix_(ys, xs)]).sum()) / grid**2)
+        else:
+            camera, own = errors
+            verified[i, j] = camera > cfg.independent_min_change and own <= cfg.independent_error_ratio * camera
+    return verified
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "grid"), [(75, 101, 4), (64, 96, 4), (70, 90, 2), (67, 93, 8), (45, 61, 1), (75, 101, 3)]
+)
+def test_independent_test_matches_direct_evaluation(height, width, grid):
+    """Noisy flow (about half the blocks candidates, some pushed out of the frame) on frames
+    that clip the border blocks: the vectorised test gives exactly the block-by-block verdicts."""
+    rng = np.random.default_rng(grid)
+    prev = cv2.GaussianBlur(rng.integers(0, 256, (height, width), dtype=np.uint8), (0, 0), 1.2)
+    cur = np.roll(prev, (1, 2), axis=(0, 1))  # the camera moves (2, 1) px
+    rows, cols = slice(height // 3, 2 * height // 3), slice(width // 4, None)
+    cur[rows, cols] = np.roll(prev, -3, axis=1)[rows, cols]  # and a region (-3, 0) px
+    hg, wg = -(-height // grid), -(-width // grid)
+    flow = rng.normal((2.0, 1.0), 1.5, (hg, wg, 2)).astype(np.float32)
+    block_rows, block_cols = slice(height // 3 // grid, 2 * height // 3 // grid), slice(-(-width // 4 // grid), None)
+    region = flow[block_rows, block_cols]
+    right = rng.random(region.shape[:2]) < 0.5  # half of its blocks get about the right vector
+    region[right] = rng.normal((-3.0, 0.0), 0.3, (right.sum(), 2))
+    flow[-1, :3] = (0.0, 40.0)  # lands below the frame
+    cfg = MotionConfig(tile_size=24 * grid, min_region_px=0, ego_model="translation")
+    result = MotionAnalyzer(cfg).analyze(prev, cur, flow, grid)
+    ego_flow = motion_mod._model_flow(
+        result.ego_motion, motion_mod._block_centres(width, grid), motion_mod._block_centres(height, grid)
+    )
+    expected = _direct_independent_test(prev, cur, flow, ego_flow, grid, cfg)
+    assert not result.is_cut and expected.sum() > 0 and (~expected).sum() > 0
+    np.testing.assert_array_equal(result.independent_mask, expected)
+
+
+@pytest.mark.parametrize("share", [1.0, 0.6, 0.05])
+def test_confident_sample_order_matches_plain_filter(share):
+    """The ego fit samples the first ego_samples confident vectors of the seeded order, however
+    sparse the confident ones are (the analyzer looks at a prefix of the order first)."""
+    rng = np.random.default_rng(3)
+    prev = np.full((240, 320), 128, np.uint8)
+    flow = rng.normal((1.0, -0.5), 0.3, (60, 80, 2)).astype(np.float32)
+    confidence = (rng.random((60, 80)) < share).astype(np.float32)
+    analyzer = MotionAnalyzer()
+    result = analyzer.analyze(prev, prev, FlowResult(flow, confidence, "test", 0.0), 4)
+    order = analyzer._order[confidence.ravel()[analyzer._order] >= analyzer.cfg.ego_min_confidence]
+    order = order[: analyzer.cfg.ego_samples]
+    rows, cols = np.divmod(order, 80)
+    src = np.stack([motion_mod._block_centres(320, 4)[cols], motion_mod._block_centres(240, 4)[rows]], axis=1)
+    matrix, _ = cv2.estimateAffine2D(
+        src,
+        src + flow.reshape(-1, 2)[order],
+        method=cv2.RANSAC,
+        ransacReprojThreshold=analyzer.cfg.ransac_threshold_px,
+        maxIters=motion_mod._RANSAC_MAX_ITERS,
+        confidence=motion_mod._RANSAC_CONFIDENCE,
+    )
+    np.testing.assert_array_equal(result.ego_motion[:2], matrix)
+
+
 def test_confidence_keeps_untrusted_vectors_out_of_the_ego_fit():
     """70 % of the vectors say (5, 0) but are untrusted; the trusted 30 % say (-2, 1)."""
     prev = np.full((120, 160), 128, np.uint8)

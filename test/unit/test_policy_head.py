@@ -58,23 +58,44 @@ def make_model(seed: int = 3) -> ActionHead:
 
 
 def inputs(n_tokens: int = 20, seed: int = 0):
+    """(tokens, positions, instruction, state), batch 1."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(1, n_tokens, 32, generator=g), torch.randn(1, 24, generator=g), torch.randn(1, 8, generator=g)
+    return (
+        torch.randn(1, n_tokens, 32, generator=g),
+        torch.rand(1, n_tokens, 3, generator=g),
+        torch.randn(1, 24, generator=g),
+        torch.randn(1, 8, generator=g),
+    )
 
 
 def test_forward_shapes_and_delta_dims_follow_the_state():
     model = make_model()
-    tokens, instruction, state = inputs()
-    actions = model(tokens, instruction, state)
+    tokens, positions, instruction, state = inputs()
+    actions = model(tokens, positions, instruction, state)
     assert actions.shape == (1, 6, 8) and actions.dtype == torch.float32
     # forward() is the normalised output mapped back to robot units, state added on the delta dims.
-    out = model.forward_normalized(tokens, instruction, state)
+    out = model.forward_normalized(tokens, positions, instruction, state)
     torch.testing.assert_close(model.targets(actions, state), out, rtol=1e-5, atol=1e-5)
+
+
+def test_latent_resampler_keeps_shapes_and_round_trips(tmp_path):
+    head = ActionHeadConfig(**{**HEAD.to_dict(), "delta_state_indices": HEAD.delta_state_indices, "num_latents": 8})
+    model = ActionHead.from_config(head, seed=2).eval()
+    tokens, positions, instruction, state = inputs(n_tokens=50)
+    actions = model(tokens, positions, instruction, state)
+    assert actions.shape == (1, 6, 8)
+    # The image enters only through the latents: other tokens, or the same tokens elsewhere, change the chunk.
+    assert not torch.allclose(model(inputs(n_tokens=50, seed=9)[0], positions, instruction, state), actions)
+    assert not torch.allclose(model(tokens, positions.flip(1), instruction, state), actions)
+    save_policy(tmp_path / "ckpt", model, make_spec(head))
+    loaded, spec = load_policy(tmp_path / "ckpt")
+    assert spec.head.num_latents == 8
+    torch.testing.assert_close(loaded(tokens, positions, instruction, state), actions, rtol=0, atol=0)
 
 
 def test_targets_invert_forward_for_absolute_and_delta_dims():
     model = make_model()
-    state = inputs(seed=1)[2]
+    state = inputs(seed=1)[3]
     actions = torch.randn(1, 6, 8)
     normalized = model.targets(actions, state)
     rebuilt = normalized * model.action_std + model.action_mean + model._state_offset(state)
@@ -166,48 +187,51 @@ def test_config_validation_names_the_field(changes, message):
 
 def test_runner_matches_the_module_on_cpu():
     model = make_model()
-    tokens, instruction, state = inputs(n_tokens=17)
-    expected = model(tokens, instruction, state)[0].detach().double().numpy()
+    tokens, positions, instruction, state = inputs(n_tokens=17)
+    expected = model(tokens, positions, instruction, state)[0].detach().double().numpy()
     runner = ActionHeadRunner(make_model(), RunnerConfig(device="cpu"))
-    out = runner.predict(tokens[0], instruction[0].numpy(), state[0].numpy())
+    out = runner.predict(tokens[0], positions[0].numpy(), instruction[0].numpy(), state[0].numpy())
     assert out.actions.shape == (6, 8) and out.actions.dtype == np.float64 and out.device_ms is None
     np.testing.assert_allclose(out.actions, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_runner_refuses_bad_inputs():
     runner = ActionHeadRunner(make_model(), RunnerConfig(device="cpu"))
-    tokens, instruction, state = inputs()
+    tokens, positions, instruction, state = inputs()
     with pytest.raises(ValueError, match="state holds NaN"):
-        runner.predict(tokens[0], instruction[0], np.full(8, np.nan))
+        runner.predict(tokens[0], positions[0], instruction[0], np.full(8, np.nan))
     with pytest.raises(ValueError, match=r"tokens must be \(N, 32\)"):
-        runner.predict(torch.zeros(5, 31), instruction[0], state[0])
+        runner.predict(torch.zeros(5, 31), positions[0, :5], instruction[0], state[0])
     with pytest.raises(ValueError, match="state must have 8 values"):
-        runner.predict(tokens[0], instruction[0], np.zeros(3))
+        runner.predict(tokens[0], positions[0], instruction[0], np.zeros(3))
+    with pytest.raises(ValueError, match=r"positions must be \(20, 3\)"):
+        runner.predict(tokens[0], positions[0, :5], instruction[0], state[0])
 
 
 @pytest.mark.gpu
 def test_runner_cuda_graphs_match_eager_fp32_and_fp16():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    tokens, instruction, state = inputs(n_tokens=273)
-    reference = make_model()(tokens, instruction, state)[0].detach().double().numpy()
+    tokens, positions, instruction, state = inputs(n_tokens=273)
+    reference = make_model()(tokens, positions, instruction, state)[0].detach().double().numpy()
     eager = ActionHeadRunner(make_model(), RunnerConfig(device="cuda", dtype="float32", cuda_graphs=False))
     graphs32 = ActionHeadRunner(make_model(), RunnerConfig(device="cuda", dtype="float32"))
     graphs16 = ActionHeadRunner(make_model(), RunnerConfig(device="cuda"))
     assert graphs16.dtype == torch.float16
     cuda_tokens = tokens[0].cuda()
-    np.testing.assert_allclose(eager.predict(cuda_tokens, instruction[0], state[0]).actions, reference, atol=1e-4)
+    args = (positions[0], instruction[0], state[0])
+    np.testing.assert_allclose(eager.predict(cuda_tokens, *args).actions, reference, atol=1e-4)
     for _ in range(3):  # capture, then replays with new inputs copied in
-        out = graphs32.predict(cuda_tokens, instruction[0], state[0])
+        out = graphs32.predict(cuda_tokens, *args)
         assert out.graph and out.device_ms is not None
         np.testing.assert_allclose(out.actions, reference, atol=1e-4)
     other = inputs(n_tokens=273, seed=5)
     np.testing.assert_allclose(
-        graphs32.predict(other[0][0].cuda(), other[1][0], other[2][0]).actions,
+        graphs32.predict(other[0][0].cuda(), other[1][0], other[2][0], other[3][0]).actions,
         make_model()(*other)[0].detach().double().numpy(),
         atol=1e-4,
     )
-    half = graphs16.predict(cuda_tokens, instruction[0], state[0]).actions
+    half = graphs16.predict(cuda_tokens, *args).actions
     scale = np.abs(reference).max()
     assert np.abs(half - reference).max() <= 2e-2 * scale
     assert graphs32.graph_token_counts == [273]

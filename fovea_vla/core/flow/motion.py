@@ -254,7 +254,9 @@ class MotionAnalysis:
 
 class MotionAnalyzer:
     """Motion analysis of frame pairs. Each call depends only on its own inputs: the analyzer
-    keeps nothing between pairs except caches keyed by the frame size and grid.
+    keeps nothing between pairs except caches and work buffers keyed by the frame size and
+    grid. Because of the work buffers, one analyzer must not run two calls at once; use one
+    per thread.
 
     Args:
         cfg: validated settings (defaults when None).
@@ -265,7 +267,8 @@ class MotionAnalyzer:
         self._key: tuple[int, int, int] | None = None
 
     def reset(self) -> None:
-        """Drop the size-dependent caches (sampling order, block centres, tile sizes, cell grid)."""
+        """Drop the size-dependent caches (sampling order, block centres, tile sizes, cell grid)
+        and work buffers."""
         self._key = None
 
     def analyze(
@@ -379,6 +382,15 @@ class MotionAnalyzer:
         self._order = np.random.default_rng(cfg.seed).permutation(hg * wg)
         self._tile_blocks = tile_sums(np.ones((hg, wg), np.uint8), cfg.tile_size // grid)
         self._tile_pixels = tile_sums(np.ones((height, width), np.uint8), cfg.tile_size)
+        self._grid_shape = (hg, wg)
+        if grid > 1:
+            # (g, Hg * Wg) float32 pixel columns and rows of each block by flat index i * Wg + j,
+            # clipped to the frame (a clipped block repeats the border pixel).
+            columns = np.minimum(np.arange(wg * grid).reshape(wg, grid).T, width - 1).astype(np.float32)
+            rows = np.minimum(np.arange(hg * grid).reshape(hg, grid).T, height - 1).astype(np.float32)
+            self._block_x, self._block_y = np.tile(columns, (1, hg)), np.repeat(rows, wg, axis=1)
+            self._blocks = np.empty((grid, grid, hg * wg), np.uint8)  # see _block_major
+            self._maps = np.empty((2, 0), np.float32)  # see _block_errors
         self._kernel_side = 0 if cfg.min_region_px == 0 else max(2, round(cfg.min_region_px / grid))
         if grid == 1:
             self._pixel_x, self._pixel_y = np.meshgrid(
@@ -400,7 +412,12 @@ class MotionAnalyzer:
         cfg = self.cfg
         order = self._order
         if confidence is not None:
-            order = order[np.asarray(confidence).ravel()[order] >= cfg.ego_min_confidence]
+            confident = np.asarray(confidence).reshape(-1) >= cfg.ego_min_confidence
+            # The first ego_samples confident entries of the order: look at a prefix first,
+            # the whole order only when the prefix holds too few.
+            head = order[: 2 * cfg.ego_samples]
+            head = head[confident[head]]
+            order = head if len(head) >= cfg.ego_samples else order[confident[order]]
         order = order[: cfg.ego_samples]
         vectors = flow.reshape(-1, 2)[order]
         rows, cols = np.divmod(order, flow.shape[1])
@@ -445,55 +462,101 @@ class MotionAnalyzer:
 
         The test is in the module docstring. A block whose camera-motion or flow displacement
         moves its centre out of the frame cannot be checked and is rejected.
+
+        The three conditions are tested in turn, each on the blocks left by the one before, so
+        the costly errors are only computed where they can matter: noisy flow (the ``nvof``
+        engine's) makes about half the blocks candidates, and the camera motion explains all
+        but a few percent of them.
         """
         verified = np.zeros(candidates.shape, bool)
-        rows, cols = np.nonzero(candidates)
-        if len(rows) == 0:
-            return verified
         height, width, grid = self._size
-        shifts = np.stack([ego_flow[rows, cols], flow[rows, cols]])  # (2, K, 2): camera, own flow
-        if grid == 1:
-            camera_error, flow_error = (self._dense_error(prev, cur, d)[rows, cols] for d in (ego_flow, flow))
-        else:
-            camera_error, flow_error = self._block_errors(prev, cur, rows, cols, shifts)
-        landed_x = self._xs[cols] + shifts[:, :, 0]
-        landed_y = self._ys[rows] + shifts[:, :, 1]
-        inside = ((landed_x >= 0) & (landed_x <= width - 1) & (landed_y >= 0) & (landed_y <= height - 1)).all(axis=0)
+        checkable = candidates.copy()
+        for displacement in (ego_flow, flow):
+            landed_x = self._xs[None, :] + displacement[..., 0]
+            landed_y = self._ys[:, None] + displacement[..., 1]
+            checkable &= (landed_x >= 0) & (landed_x <= width - 1) & (landed_y >= 0) & (landed_y <= height - 1)
+        index = np.flatnonzero(checkable)  # flat block indices i * Wg + j
+        if len(index) == 0:
+            return verified
         cfg = self.cfg
-        verified[rows, cols] = (
-            inside
-            & (camera_error > cfg.independent_min_change)
-            & (flow_error <= cfg.independent_error_ratio * camera_error)
-        )
+        if grid == 1:
+            camera_error = self._dense_error(prev, cur, ego_flow).reshape(-1)[index]
+        else:
+            prev_blocks = self._block_major(prev)
+            camera_error = self._block_errors(prev_blocks, cur, index, ego_flow)
+        unexplained = camera_error > cfg.independent_min_change
+        index, camera_error = index[unexplained], camera_error[unexplained]
+        if len(index) == 0:
+            return verified
+        if grid == 1:
+            flow_error = self._dense_error(prev, cur, flow).reshape(-1)[index]
+        else:
+            flow_error = self._block_errors(prev_blocks, cur, index, flow)
+        verified.reshape(-1)[index] = flow_error <= cfg.independent_error_ratio * camera_error
         return verified
 
     def _block_errors(
-        self, prev: np.ndarray, cur: np.ndarray, rows: np.ndarray, cols: np.ndarray, shifts: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Mean ``|prev(q) - cur(q + d)|`` over the pixels q of K blocks, for both displacements.
+        self, prev_blocks: np.ndarray, cur: np.ndarray, index: np.ndarray, displacement: np.ndarray
+    ) -> np.ndarray:
+        """Mean ``|prev(q) - cur(q + d)|`` over the pixels q of K blocks, d the block's vector.
 
-        Only the K candidate blocks are sampled, usually a small share of the frame.
+        Only the K given blocks are sampled, with one remap of K * g * g samples. Every array is
+        laid out (g, g, K), blocks along the last axis, so each NumPy pass runs over K contiguous
+        elements rather than over g.
 
         Args:
-            rows, cols: (K,) block indices.
-            shifts: (2, K, 2) float32 displacements d [px]: camera motion, then the block's flow.
+            prev_blocks: (g, g, Hg * Wg) uint8 prev by block, from :meth:`_block_major`.
+            cur: (H, W) uint8 frame sampled at q + d.
+            index: (K,) flat block indices ``i * Wg + j``.
+            displacement: (Hg, Wg, 2) float32 field holding each block's d [px], (u, v).
 
         Returns:
-            Two (K,) float64 errors in grey levels: camera motion, own flow.
+            (K,) float64 errors in grey levels.
+        """
+        grid = self._size[2]
+        count = len(index)
+        flat = displacement.reshape(-1)
+        # Pixel coordinates q + d in float32, as a per-pixel map of cv2.remap would hold them.
+        x = np.take(self._block_x, index, axis=1)
+        x += np.take(flat, 2 * index)
+        y = np.take(self._block_y, index, axis=1)
+        y += np.take(flat, 2 * index + 1)
+        # cv2.remap takes 2-D maps of sides under 32767: (rows, _SAMPLE_ROW), the tail zeroed.
+        size = grid * grid * count
+        padded = -(-size // _SAMPLE_ROW) * _SAMPLE_ROW
+        if self._maps.shape[1] < padded:
+            # Kept between calls: fresh pages of a buffer this size cost more than filling them.
+            self._maps = np.empty((2, padded), np.float32)
+        maps = self._maps[:, :padded]
+        maps[:, size:] = 0.0
+        maps[0, :size].reshape(grid, grid, count)[...] = x[None, :, :]  # [a, b, k] = x[b, k]
+        maps[1, :size].reshape(grid, grid, count)[...] = y[:, None, :]  # [a, b, k] = y[a, k]
+        sampled = cv2.remap(
+            cur,
+            maps[0].reshape(-1, _SAMPLE_ROW),
+            maps[1].reshape(-1, _SAMPLE_ROW),
+            cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_REPLICATE,
+        )
+        sampled = sampled.reshape(-1)[:size].reshape(grid * grid, count)
+        reference = np.take(prev_blocks, index, axis=2).reshape(grid * grid, count)
+        # Exact integer sums over each block, then the mean.
+        sums = cv2.reduce(cv2.absdiff(sampled, reference), 0, cv2.REDUCE_SUM, dtype=cv2.CV_32S)
+        return sums.reshape(count) / grid**2
+
+    def _block_major(self, image: np.ndarray) -> np.ndarray:
+        """(g, g, Hg * Wg) uint8 copy of ``image`` by block: pixel (a, b) of block (i, j) at
+        ``[a, b, i * Wg + j]``. Blocks clipped by the border repeat its last row or column, as
+        the clipped coordinates in ``_block_x`` / ``_block_y`` do. The copy is a work buffer,
+        overwritten by the next call.
         """
         height, width, grid = self._size
-        ys = np.minimum(rows[:, None] * grid + np.arange(grid), height - 1)
-        xs = np.minimum(cols[:, None] * grid + np.arange(grid), width - 1)
-        # (K, g*g) pixel coordinates of each block, row-major; clipped blocks repeat border pixels.
-        px, py = np.tile(xs, (1, grid)), np.repeat(ys, grid, axis=1)
-        reference = prev.ravel()[py * width + px]
-        sampled = _sample(
-            cur,
-            px.astype(np.float32) + shifts[:, :, 0, None],
-            py.astype(np.float32) + shifts[:, :, 1, None],
-        )
-        camera, own = (cv2.absdiff(sampled[i], reference).sum(axis=1, dtype=np.uint32) / grid**2 for i in range(2))
-        return camera, own
+        hg, wg = self._grid_shape
+        if (hg * grid, wg * grid) != (height, width):
+            image = cv2.copyMakeBorder(image, 0, hg * grid - height, 0, wg * grid - width, cv2.BORDER_REPLICATE)
+        blocks = self._blocks
+        np.copyto(blocks.reshape(grid, grid, hg, wg), image.reshape(hg, grid, wg, grid).transpose(1, 3, 0, 2))
+        return blocks
 
     def _dense_error(self, prev: np.ndarray, cur: np.ndarray, displacement: np.ndarray) -> np.ndarray:
         """(H, W) float32 ``|prev(q) - cur(q + d(q))|`` averaged over each pixel's 3x3 neighbourhood.
@@ -587,26 +650,6 @@ def _opening(mask: np.ndarray, side: int) -> np.ndarray:
     # Explicit anchors: OpenCV's default centre anchor shifts the result for even sides.
     eroded = cv2.erode(mask, kernel, anchor=(0, 0))
     return cv2.dilate(eroded, kernel, anchor=(side - 1, side - 1))
-
-
-def _sample(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Bilinear samples of an image at float32 px positions of any shape (border replicated).
-
-    Returns:
-        Samples of ``image``'s dtype, shaped like ``x``.
-    """
-    count = x.size
-    padded = -(-count // _SAMPLE_ROW) * _SAMPLE_ROW
-    maps = np.zeros((2, padded), np.float32)
-    maps[0, :count], maps[1, :count] = x.ravel(), y.ravel()
-    values = cv2.remap(
-        image,
-        maps[0].reshape(-1, _SAMPLE_ROW),
-        maps[1].reshape(-1, _SAMPLE_ROW),
-        cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_REPLICATE,
-    )
-    return values.ravel()[:count].reshape(x.shape)
 
 
 def _with_landing_blocks(moving: np.ndarray, flow: np.ndarray, grid: int, width: int, height: int) -> np.ndarray:

@@ -69,7 +69,9 @@ class PolicySpec:
         action_names: A names of the action dims (joint names, or x y z roll pitch yaw; the
             gripper last).
         state_names: S names of the state dims, in the order the head expects them.
-        step_s: time between consecutive actions of a chunk [s].
+        step_s: time between consecutive actions of a chunk [s]. Action i of a chunk predicted
+            from a frame captured at t is the target for t + (i + 1) * step_s (a demonstration's
+            action is the command sent after observing a frame, reached one step later).
         encoder_architecture: the image encoder the head was trained on (token meaning differs
             between encoders of the same width).
         text_encoder: name of the instruction embedding model.

@@ -1,22 +1,33 @@
 """The action head: a transformer over foveated tokens, an instruction embedding and the robot state.
 
 The sequence is ``[K action queries | instruction | state | N image tokens]``; every position
-attends to every other (pre-norm blocks, as in the encoder), and the K query outputs are read out
-as a chunk of K actions x A dims. Inputs and outputs are normalised with statistics stored in the
-module (``state_mean`` ... ``action_std``), so a checkpoint carries everything needed to turn
-robot units into network units and back. With ``delta_state_indices`` the network predicts each
-action dim as an offset from one state dim (targets near the current pose are the common case,
-so offsets are easier to learn than absolute values), and the head adds the state back.
+attends to every other (pre-norm blocks, as in the encoder), and the K query outputs are read out as
+a chunk of K actions x A dims. With ``num_latents`` L > 0 the N image tokens are first summarised by
+L learned latents through one cross-attention block (as in Perceiver / Flamingo's resampler), so the
+blocks run over K + 2 + L positions instead of K + 2 + N: the head's cost no longer grows with the
+token budget (about 6x less compute at N = 273, L = 32). Inputs and outputs are normalised with
+statistics stored in the module (``state_mean`` ... ``action_std``), so a checkpoint carries
+everything needed to turn robot units into network units and back. With ``delta_state_indices`` the
+network predicts each action dim as an offset from one state dim (targets near the current pose are
+the common case, so offsets are easier to learn than absolute values), and the head adds the state
+back.
 
-Shapes: B batch, N image tokens, T = token_dim, L = instruction_dim, S = state_dim,
-K = chunk_size, A = action_dim, W = width.
+Every image token also gets where it was sampled: its centre (x / W, y / H) and mip level / 8 (see
+:func:`fovea_vla.core.policy.observation.token_positions`), as Fourier features projected to W and
+added to the token. The encoder embeds positions too, but the head should not depend on how well a
+given (possibly random or fine-tuned) encoder preserved them.
+
+Shapes: B batch, N image tokens, T = token_dim, I = instruction_dim, S = state_dim, K = chunk_size,
+A = action_dim, W = width.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fovea_vla.core._validation import is_int, is_real
@@ -26,6 +37,8 @@ __all__ = ["ActionHead", "ActionHeadConfig"]
 
 # Rows of ActionHead.type_embed: which part of the sequence a position belongs to.
 _QUERY, _INSTRUCTION, _STATE, _IMAGE = range(4)
+# Fourier frequencies (pi * 2**k) per token-position coordinate.
+POSITION_FREQUENCIES = 6
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,7 +47,7 @@ class ActionHeadConfig:
 
     Attributes:
         token_dim: T, width of the encoder's image tokens (192 ViT-Ti, 384 ViT-S, 768 ViT-B).
-        instruction_dim: L, width of the instruction embedding (384 for all-MiniLM-L6-v2).
+        instruction_dim: I, width of the instruction embedding (384 for all-MiniLM-L6-v2).
         state_dim: S, proprioception values (joint positions or end-effector pose, gripper).
         action_dim: A, values per action (joint targets or end-effector pose, gripper).
         chunk_size: K, actions per chunk.
@@ -45,6 +58,8 @@ class ActionHeadConfig:
         delta_state_indices: empty for absolute actions, or A state indices: action dim a is
             ``state[delta_state_indices[a]]`` plus the network's output (use -1 for a dim that
             stays absolute, e.g. the gripper).
+        num_latents: L > 0 summarises the image tokens into L latents by cross-attention first;
+            0 puts every image token into the blocks.
     """
 
     token_dim: int = 192
@@ -57,6 +72,7 @@ class ActionHeadConfig:
     num_heads: int = 8
     mlp_ratio: float = 4.0
     delta_state_indices: tuple[int, ...] = ()
+    num_latents: int = 0
 
     def __post_init__(self):
         for name, top in (
@@ -72,6 +88,8 @@ class ActionHeadConfig:
             value = getattr(self, name)
             if not is_int(value) or not 1 <= value <= top:
                 raise ValueError(f"policy.{name}={value!r}: must be an integer in [1, {top}]")
+        if not is_int(self.num_latents) or not 0 <= self.num_latents <= 4096:
+            raise ValueError(f"policy.num_latents={self.num_latents!r}: must be an integer in [0, 4096]")
         if self.width % self.num_heads:
             raise ValueError(f"policy.width={self.width}: must be divisible by policy.num_heads={self.num_heads}")
         if not is_real(self.mlp_ratio) or not 0 < self.mlp_ratio <= 16:
@@ -109,6 +127,30 @@ class ActionHeadConfig:
         return cls(**fields)
 
 
+class _CrossAttention(nn.Module):
+    """Pre-norm cross-attention + MLP block: latents attend to the image tokens."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm_q = nn.LayerNorm(dim, eps=1e-6)
+        self.norm_kv = nn.LayerNorm(dim, eps=1e-6)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm_mlp = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, dim))
+
+    def forward(self, latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        b, n_q, d = latents.shape
+        h = self.num_heads
+        q = self.q(self.norm_q(latents)).reshape(b, n_q, h, d // h).transpose(1, 2)
+        k, v = self.kv(self.norm_kv(tokens)).reshape(b, tokens.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n_q, d)
+        latents = latents + self.proj(attended)
+        return latents + self.mlp(self.norm_mlp(latents))
+
+
 class ActionHead(nn.Module):
     """Chunk-of-actions transformer. Build with :meth:`from_config`; load with
     :func:`fovea_vla.core.policy.checkpoint.load_policy`.
@@ -123,10 +165,16 @@ class ActionHead(nn.Module):
         w = cfg.width
         self.token_norm = nn.LayerNorm(cfg.token_dim)
         self.token_proj = nn.Linear(cfg.token_dim, w)
+        self.position_proj = nn.Linear(3 * 2 * POSITION_FREQUENCIES, w)
+        self.register_buffer(
+            "_frequencies", math.pi * 2.0 ** torch.arange(POSITION_FREQUENCIES, dtype=torch.float32), persistent=False
+        )
         self.instruction_proj = nn.Linear(cfg.instruction_dim, w)
         self.state_proj = nn.Sequential(nn.Linear(cfg.state_dim, w), nn.GELU(), nn.Linear(w, w))
         self.queries = nn.Parameter(torch.zeros(cfg.chunk_size, w))
         self.type_embed = nn.Parameter(torch.zeros(4, w))
+        self.latents = nn.Parameter(torch.zeros(cfg.num_latents, w)) if cfg.num_latents else None
+        self.resampler = _CrossAttention(w, cfg.num_heads, int(w * cfg.mlp_ratio)) if cfg.num_latents else None
         self.blocks = nn.ModuleList(Block(w, cfg.num_heads, int(w * cfg.mlp_ratio), 1e-6) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(w)
         self.action_out = nn.Linear(w, cfg.action_dim)
@@ -150,6 +198,8 @@ class ActionHead(nn.Module):
                     nn.init.zeros_(module.bias)
             nn.init.trunc_normal_(model.queries, std=0.02, generator=generator)
             nn.init.trunc_normal_(model.type_embed, std=0.02, generator=generator)
+            if model.latents is not None:
+                nn.init.trunc_normal_(model.latents, std=0.02, generator=generator)
         return model
 
     def set_normalization(self, state_mean, state_std, action_mean, action_std) -> None:
@@ -184,35 +234,47 @@ class ActionHead(nn.Module):
         self._delta_mask = self._delta_mask.float()
         return self
 
-    def forward_normalized(self, tokens: torch.Tensor, instruction: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    def forward_normalized(
+        self, tokens: torch.Tensor, positions: torch.Tensor, instruction: torch.Tensor, state: torch.Tensor
+    ) -> torch.Tensor:
         """The network's raw output, (B, K, A) float32 in normalised units (train against
         :meth:`targets`). Arguments as :meth:`forward`."""
         dtype = self.queries.dtype
         b = tokens.shape[0]
         normalized_state = ((state.float() - self.state_mean) / self.state_std).to(dtype)
+        angles = positions.float()[..., None] * self._frequencies  # (B, N, 3, F)
+        fourier = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(2).to(dtype)
+        image = (
+            self.token_proj(self.token_norm(tokens.to(dtype))) + self.position_proj(fourier) + self.type_embed[_IMAGE]
+        )
+        if self.resampler is not None:
+            image = self.resampler(self.latents.expand(b, -1, -1) + self.type_embed[_IMAGE], image)
         parts = (
             self.queries.expand(b, -1, -1) + self.type_embed[_QUERY],
             (self.instruction_proj(instruction.to(dtype)) + self.type_embed[_INSTRUCTION])[:, None],
             (self.state_proj(normalized_state) + self.type_embed[_STATE])[:, None],
-            self.token_proj(self.token_norm(tokens.to(dtype))) + self.type_embed[_IMAGE],
+            image,
         )
         x = torch.cat(parts, dim=1)
         for block in self.blocks:
             x = block(x)
         return self.action_out(self.norm(x[:, : self.cfg.chunk_size])).float()
 
-    def forward(self, tokens: torch.Tensor, instruction: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, instruction: torch.Tensor, state: torch.Tensor
+    ) -> torch.Tensor:
         """Predict one chunk per batch element.
 
         Args:
             tokens: (B, N, T) image tokens (the encoder's output, any float dtype).
-            instruction: (B, L) instruction embedding.
+            positions: (B, N, 3) float where each token was sampled: x / W, y / H, level / 8.
+            instruction: (B, I) instruction embedding.
             state: (B, S) float32 state in robot units.
 
         Returns:
             (B, K, A) float32 actions in robot units.
         """
-        out = self.forward_normalized(tokens, instruction, state)
+        out = self.forward_normalized(tokens, positions, instruction, state)
         return out * self.action_std + self.action_mean + self._state_offset(state)
 
     def targets(self, actions: torch.Tensor, state: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,30 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-__all__ = ["LatestTokens", "TokenFrame"]
+__all__ = ["LEVEL_SCALE", "LatestTokens", "TokenFrame", "token_positions"]
+
+# Mip levels are divided by this in token positions (levels run 0 .. texture.max_levels - 1 <= 7).
+LEVEL_SCALE = 8.0
+
+
+def token_positions(centers, levels, width: int, height: int) -> np.ndarray:
+    """(N, 3) float32 token positions for the action head: x / W, y / H, level / 8.
+
+    Args:
+        centers: (N, 2) patch centres (x, y) [px, full resolution].
+        levels: (N,) mip levels.
+        width: image width W [px].
+        height: image height H [px].
+
+    >>> token_positions([[320.0, 240.0]], [2.0], 640, 480).tolist()
+    [[0.5, 0.5, 0.25]]
+    """
+    centers = np.asarray(centers, dtype=np.float32).reshape(-1, 2)
+    levels = np.asarray(levels, dtype=np.float32).reshape(-1, 1)
+    return np.concatenate([centers / np.array([width, height], np.float32), levels / LEVEL_SCALE], axis=1)
 
 
 @dataclass(frozen=True)
@@ -21,6 +42,7 @@ class TokenFrame:
 
     Attributes:
         tokens: (N, T) image tokens on the encoder's device and dtype (a tensor no one mutates).
+        positions: (N, 3) float32 where each token was sampled (:func:`token_positions`).
         stamp_ns: capture stamp of the camera frame [ns].
         frame_id: the camera's frame.
         tokens_stamp_ns: capture stamp of the frame the tokens were encoded from (older than
@@ -30,6 +52,7 @@ class TokenFrame:
     """
 
     tokens: torch.Tensor
+    positions: np.ndarray
     stamp_ns: int
     frame_id: str
     tokens_stamp_ns: int

@@ -76,6 +76,7 @@ class HeadOutput:
 class _Graph:
     graph: torch.cuda.CUDAGraph
     tokens: torch.Tensor
+    positions: torch.Tensor
     instruction: torch.Tensor
     state: torch.Tensor
     actions: torch.Tensor
@@ -115,8 +116,8 @@ class ActionHeadRunner:
         """Token counts N with a captured CUDA graph."""
         return sorted(self._graphs)
 
-    def _capture(self, tokens, instruction, state) -> _Graph:
-        static = (tokens.clone(), instruction.clone(), state.clone())
+    def _capture(self, tokens, positions, instruction, state) -> _Graph:
+        static = (tokens.clone(), positions.clone(), instruction.clone(), state.clone())
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -128,12 +129,14 @@ class ActionHeadRunner:
             actions = self.model(*static)
         return _Graph(graph, *static, actions)
 
-    def predict(self, tokens: torch.Tensor, instruction, state) -> HeadOutput:
+    def predict(self, tokens: torch.Tensor, positions, instruction, state) -> HeadOutput:
         """One chunk from one observation.
 
         Args:
             tokens: (N, T) image tokens, a torch tensor on any device (the encoder's output
                 stays on the GPU), any float dtype.
+            positions: (N, 3) token positions (:func:`~fovea_vla.core.policy.observation.token_positions`),
+                numpy or torch.
             instruction: (L,) instruction embedding (numpy or torch).
             state: (S,) state in robot units (numpy or sequence), finite.
 
@@ -148,6 +151,13 @@ class ActionHeadRunner:
         tokens = torch.as_tensor(tokens)
         if tokens.ndim != 2 or tokens.shape[1] != head.token_dim or tokens.shape[0] < 1:
             raise ValueError(f"tokens must be (N, {head.token_dim}) with N >= 1, got {tuple(tokens.shape)}")
+        positions = torch.as_tensor(
+            np.asarray(positions, dtype=np.float32) if not torch.is_tensor(positions) else positions
+        )
+        if tuple(positions.shape) != (tokens.shape[0], 3):
+            raise ValueError(
+                f"positions must be ({tokens.shape[0]}, 3) to match the tokens, got {tuple(positions.shape)}"
+            )
         state_np = np.asarray(state, dtype=np.float32).reshape(-1)
         if state_np.shape != (head.state_dim,):
             raise ValueError(f"state must have {head.state_dim} values, got {state_np.shape[0]}")
@@ -160,15 +170,17 @@ class ActionHeadRunner:
             )
         self._state_host.copy_(torch.from_numpy(state_np)[None])
         tokens = tokens.to(self.device, self.dtype, non_blocking=True)[None]
+        positions = positions.to(self.device, torch.float32, non_blocking=True)[None]
         instruction = instruction.to(self.device, non_blocking=True)
         state_dev = self._state_host.to(self.device, non_blocking=True)
         with torch.no_grad():
             if self._use_graphs:
                 entry = self._graphs.get(tokens.shape[1])
                 if entry is None:
-                    entry = self._graphs[tokens.shape[1]] = self._capture(tokens, instruction, state_dev)
+                    entry = self._graphs[tokens.shape[1]] = self._capture(tokens, positions, instruction, state_dev)
                 else:
                     entry.tokens.copy_(tokens)
+                    entry.positions.copy_(positions)
                     entry.instruction.copy_(instruction)
                     entry.state.copy_(state_dev)
                 self._events[0].record()
@@ -178,7 +190,7 @@ class ActionHeadRunner:
             else:
                 if self._events:
                     self._events[0].record()
-                actions = self.model(tokens, instruction, state_dev)[0]
+                actions = self.model(tokens, positions, instruction, state_dev)[0]
                 if self._events:
                     self._events[1].record()
             self._actions_host.copy_(actions, non_blocking=self._cuda)

@@ -14,6 +14,8 @@ __all__ = [
     "PANDA_JOINTS",
     "angular_velocity_from_rpy_rates",
     "quaternion_to_rpy",
+    "rpy_rates_from_angular_velocity",
+    "rpy_to_quaternion",
     "space_names",
     "unwrap_angles",
 ]
@@ -49,6 +51,25 @@ def quaternion_to_rpy(x: float, y: float, z: float, w: float) -> np.ndarray:
     return np.array([roll, pitch, yaw])
 
 
+def rpy_to_quaternion(roll: float, pitch: float, yaw: float) -> np.ndarray:
+    """(4,) unit quaternion x, y, z, w of R = Rz(yaw) Ry(pitch) Rx(roll).
+
+    >>> np.round(quaternion_to_rpy(*rpy_to_quaternion(0.1, -0.2, 0.3)), 6).tolist()
+    [0.1, -0.2, 0.3]
+    """
+    cr, sr = np.cos(roll / 2), np.sin(roll / 2)
+    cp, sp = np.cos(pitch / 2), np.sin(pitch / 2)
+    cy, sy = np.cos(yaw / 2), np.sin(yaw / 2)
+    return np.array(
+        [
+            sr * cp * cy - cr * sp * sy,
+            cr * sp * cy + sr * cp * sy,
+            cr * cp * sy - sr * sp * cy,
+            cr * cp * cy + sr * sp * sy,
+        ]
+    )
+
+
 def angular_velocity_from_rpy_rates(rpy: np.ndarray, rpy_rates: np.ndarray) -> np.ndarray:
     """(3,) angular velocity [rad/s] in the base frame from roll/pitch/yaw and their rates.
 
@@ -67,6 +88,22 @@ def angular_velocity_from_rpy_rates(rpy: np.ndarray, rpy_rates: np.ndarray) -> n
             dyaw - droll * sp,
         ]
     )
+
+
+def rpy_rates_from_angular_velocity(rpy: np.ndarray, omega: np.ndarray) -> np.ndarray:
+    """(3,) roll/pitch/yaw rates [rad/s] from an angular velocity in the base frame: the inverse of
+    :func:`angular_velocity_from_rpy_rates` (singular at pitch = +-90 deg, where it is clamped).
+
+    >>> rpy, rates = np.array([0.3, -0.4, 1.2]), np.array([0.1, 0.2, -0.3])
+    >>> np.allclose(rpy_rates_from_angular_velocity(rpy, angular_velocity_from_rpy_rates(rpy, rates)), rates)
+    True
+    """
+    _, pitch, yaw = rpy
+    cp, sp, cy, sy = np.cos(pitch), np.sin(pitch), np.cos(yaw), np.sin(yaw)
+    cp = np.copysign(max(abs(cp), 1e-6), cp)
+    droll = (omega[0] * cy + omega[1] * sy) / cp
+    dpitch = -omega[0] * sy + omega[1] * cy
+    return np.array([droll, dpitch, omega[2] + droll * sp])
 
 
 def unwrap_angles(angles: np.ndarray, reference: np.ndarray) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Simulated tabletop manipulation (PyBullet) and its scripted expert, for data collection and closed-loop tests."""
