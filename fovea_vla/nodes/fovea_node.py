@@ -47,8 +47,9 @@ from fovea_vla.nodes.messages import (
     image_msg,
     ns_to_stamp,
     slip_msg,
+    stage_latencies,
 )
-from fovea_vla.nodes.params import ParamSpec, declare_all
+from fovea_vla.nodes.params import ConfigError, ParamSpec, declare_all
 from fovea_vla.nodes.runner import run_node
 from fovea_vla_msgs.msg import (
     BackendChoice,
@@ -57,7 +58,6 @@ from fovea_vla_msgs.msg import (
     FixationArray,
     PipelineStats,
     SlipEvent,
-    StageLatency,
 )
 from fovea_vla_msgs.srv import SetFixation, SetInstruction
 
@@ -384,10 +384,6 @@ _DECISIONS = {
     "cut": PipelineStats.DECISION_CUT,
     "refresh": PipelineStats.DECISION_REFRESH,
 }
-
-
-class ConfigError(ValueError):
-    """A parameter value was refused; the message names the parameter."""
 
 
 def pipeline_config(values: dict) -> PipelineConfig:
@@ -735,15 +731,7 @@ class FoveaNode(Node):
         self.pub_debug.publish(image_msg(canvas, header))
 
     def _stats(self, output: PipelineOutput, header: Header, age_ms: float) -> PipelineStats:
-        stages = [
-            StageLatency(
-                stage=stage,
-                last_ms=self.latency.last(stage),
-                p50_ms=self.latency.percentile(stage, 50),
-                p99_ms=self.latency.percentile(stage, 99),
-            )
-            for stage in self.latency.stages()
-        ]
+        stages = stage_latencies(self.latency)
         return PipelineStats(
             header=header,
             frames_received=self.frames_received,

@@ -13,7 +13,8 @@ from fovea_vla.core.fixation import FixationState
 from fovea_vla.core.frames import Frame, compressed_to_rgb, image_to_rgb, rgb_to_image_fields
 from fovea_vla.core.pipeline import PipelineOutput
 from fovea_vla.core.slip import SlipEvent as CoreSlipEvent
-from fovea_vla_msgs.msg import Fixation, FixationArray, SlipEvent
+from fovea_vla.core.stats import LatencyTracker
+from fovea_vla_msgs.msg import Fixation, FixationArray, SlipEvent, StageLatency
 
 __all__ = [
     "CameraModel",
@@ -24,6 +25,7 @@ __all__ = [
     "image_msg",
     "ns_to_stamp",
     "slip_msg",
+    "stage_latencies",
     "stamp_to_ns",
 ]
 
@@ -34,6 +36,19 @@ def stamp_to_ns(stamp: Time) -> int:
 
 def ns_to_stamp(ns: int) -> Time:
     return Time(sec=int(ns // 1_000_000_000), nanosec=int(ns % 1_000_000_000))
+
+
+def stage_latencies(tracker: LatencyTracker) -> list[StageLatency]:
+    """One StageLatency (last, p50, p99 [ms]) per stage the tracker has seen."""
+    return [
+        StageLatency(
+            stage=stage,
+            last_ms=tracker.last(stage),
+            p50_ms=tracker.percentile(stage, 50),
+            p99_ms=tracker.percentile(stage, 99),
+        )
+        for stage in tracker.stages()
+    ]
 
 
 def frame_from_image(msg: Image, *, max_pixels: int) -> Frame:

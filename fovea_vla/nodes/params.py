@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
 from rclpy.exceptions import ParameterException
 
-__all__ = ["ParamSpec", "declare_all", "format_table"]
+__all__ = ["ConfigError", "ParamSpec", "declare_all", "format_table"]
 
 _TYPES = {
     bool: ParameterType.PARAMETER_BOOL,
@@ -26,6 +26,10 @@ _ARRAY_TYPES = {
     float: ParameterType.PARAMETER_DOUBLE_ARRAY,
     str: ParameterType.PARAMETER_STRING_ARRAY,
 }
+
+
+class ConfigError(ValueError):
+    """A parameter value was refused; the message names the parameter."""
 
 
 @dataclass(frozen=True)

@@ -47,9 +47,9 @@ from fovea_vla.core.policy.spaces import (
 from fovea_vla.core.policy.text import SentenceEncoder, TextEncoderConfig
 from fovea_vla.core.stats import LatencyTracker, RateMeter
 from fovea_vla.nodes import qos
-from fovea_vla.nodes.messages import ns_to_stamp, stamp_to_ns
-from fovea_vla.nodes.params import ParamSpec, declare_all
-from fovea_vla_msgs.msg import ActionChunk, DropCount, PolicyStats, StageLatency
+from fovea_vla.nodes.messages import ns_to_stamp, stage_latencies, stamp_to_ns
+from fovea_vla.nodes.params import ConfigError, ParamSpec, declare_all
+from fovea_vla_msgs.msg import ActionChunk, DropCount, PolicyStats
 
 # Franka Emika Panda limits (datasheet), the defaults for the default joint names.
 PANDA_POSITION_MIN = (-2.8973, -1.7628, -2.8973, -3.0718, -2.8973, -0.0175, -2.8973)
@@ -190,10 +190,6 @@ PARAMS: tuple[ParamSpec, ...] = (
         "state_qos.reliability", "best_effort", "Reliability of joint_states and ee_pose.", choices=qos.RELIABILITIES
     ),
 )
-
-
-class ConfigError(ValueError):
-    """A parameter value was refused; the message names the parameter."""
 
 
 @dataclass(frozen=True)
@@ -660,15 +656,7 @@ class PolicyNode(Node):
             control_rate_hz=float(self.control_rate.rate_hz()),
             chunk_latency_ms=float(self.chunk_latency_ms),
             observation_age_ms=float((now_ns - self.last_frame_ns) * 1e-6) if self.last_frame_ns else float("nan"),
-            stages=[
-                StageLatency(
-                    stage=stage,
-                    last_ms=self.latency.last(stage),
-                    p50_ms=self.latency.percentile(stage, 50),
-                    p99_ms=self.latency.percentile(stage, 99),
-                )
-                for stage in self.latency.stages()
-            ],
+            stages=stage_latencies(self.latency),
             interventions=[DropCount(reason=k, count=int(v)) for k, v in sorted(counters.items())],
             policy_name=self.policy_name,
             device=self.device_label,
