@@ -66,12 +66,18 @@ def _cmd_demo(args) -> int:
     from fovea_vla.demo import run_demo
 
     config = args.config
-    if config == "auto":
+    if config == "auto" and args.scene == "sim":
+        config = "sim.yaml"
+    elif config == "auto":
         import torch
 
         config = "desktop_gpu.yaml" if torch.cuda.is_available() else "cpu.yaml"
         print(f"[demo] config {config} (auto: {'a CUDA device' if config != 'cpu.yaml' else 'no CUDA device'})")
-    summary = run_demo(args.duration, Path(args.out), config=config, domain_id=args.domain_id)
+    summary = run_demo(args.duration, Path(args.out), config=config, domain_id=args.domain_id, scene=args.scene)
+    if args.scene == "sim":
+        print(
+            f"[demo] {summary['successes']} of {len(summary['episodes'])} episodes solved; policy {summary['policy']}"
+        )
     frames = summary["frames"]
     print(json.dumps({k: summary[k] for k in ("frames", "capture_to_fixation_ms", "backends")}, indent=2))
     print(
@@ -391,13 +397,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_slip_parser(sub)
     _add_track_parser(sub)
 
-    demo = sub.add_parser("demo", help="run the graph on the synthetic scene and record video + summary")
+    demo = sub.add_parser(
+        "demo", help="run the closed loop in simulation (or the camera graph) and record video + summary"
+    )
     demo.add_argument("--duration", type=float, default=20.0, help="recording time [s]")
     demo.add_argument("--out", default="out/demo", help="output folder")
     demo.add_argument(
         "--config",
         default="auto",
-        help="parameter file in config/ or a path; auto: desktop_gpu.yaml with a CUDA device, else cpu.yaml",
+        help="parameter file in config/ or a path; auto: sim.yaml for the sim scene, else desktop_gpu.yaml with a "
+        "CUDA device or cpu.yaml",
+    )
+    demo.add_argument(
+        "--scene",
+        choices=("sim", "camera"),
+        default="sim",
+        help="sim: the tabletop task in closed loop with the bundled policy; camera: the synthetic camera, no policy",
     )
     demo.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID (default: env or random)")
     demo.set_defaults(func=_cmd_demo)

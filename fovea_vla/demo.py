@@ -1,14 +1,18 @@
-"""``fovea-vla demo``: run the graph on the built-in synthetic scene and record what it shows.
+"""``fovea-vla demo``: run the graph and record what it shows.
 
-Starts camera_replay and fovea_node as separate processes (the same graph ``ros2 launch`` runs),
-subscribes to their outputs from this process, and writes to the output folder:
-``demo.mp4`` (the debug image in real time), ``contact_sheet.png`` and ``summary.json``
-(frames in / processed / dropped by reason, per-stage latency percentiles, backends).
+Two scenes. ``sim`` (the default): the closed loop over ROS, sim_bridge (the simulated tabletop
+task as robot and camera) and vla_stack (fovea_node + policy_node with the bundled tabletop_push
+policy) in separate processes, episodes back to back. ``camera``: camera_replay's synthetic scene
+into fovea_node (no policy). The demo subscribes to their outputs from this process and writes to
+the output folder: ``demo.mp4`` (the debug image in real time), ``contact_sheet.png`` and
+``summary.json`` (frames in / processed / dropped by reason, per-stage latency percentiles,
+backends; for ``sim`` also every episode's result and the policy's stats).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -72,6 +76,15 @@ class _Recorder:
         node.create_subscription(Fixation, "fixation", self._on_fixation, qos.outputs(30))
         node.create_subscription(MarkerArray, "markers", self._on_markers, qos.outputs(30))
         node.create_subscription(PipelineStats, "stats", self._on_stats, qos.outputs(30))
+        from std_msgs.msg import String
+
+        from fovea_vla_msgs.msg import PolicyStats
+
+        self.episodes: list[dict] = []
+        self.policy_stats = None
+        self.chunk_latency_ms: list[float] = []
+        node.create_subscription(String, "sim/episode", lambda m: self.episodes.append(json.loads(m.data)), 30)
+        node.create_subscription(PolicyStats, "policy_stats", self._on_policy_stats, qos.outputs(30))
 
     def _on_info(self, _msg) -> None:
         self.camera_infos += 1
@@ -88,6 +101,11 @@ class _Recorder:
 
     def _on_stats(self, msg) -> None:
         self.last_stats = msg
+
+    def _on_policy_stats(self, msg) -> None:
+        self.policy_stats = msg
+        if math.isfinite(msg.chunk_latency_ms):
+            self.chunk_latency_ms.append(float(msg.chunk_latency_ms))
 
     def _on_debug(self, msg) -> None:
         from fovea_vla.core.frames import image_to_rgb
@@ -145,11 +163,24 @@ def run_demo(
     duration_s: float = 20.0,
     out_dir: Path = Path("out/demo"),
     *,
-    config: str = "fovea_vla.yaml",
+    config: str | None = None,
     domain_id: int | None = None,
-    discovery_timeout_s: float = 30.0,
+    discovery_timeout_s: float = 90.0,
+    scene: str = "sim",
 ) -> dict:
-    """Run the demo graph for ``duration_s`` seconds and write its outputs; returns the summary."""
+    """Run the demo graph for ``duration_s`` seconds and write its outputs; returns the summary.
+
+    Args:
+        duration_s: recording time once the first debug image arrived [s].
+        out_dir: output folder.
+        config: parameter file; None: ``sim.yaml`` for the ``sim`` scene, else ``fovea_vla.yaml``.
+        domain_id: ROS_DOMAIN_ID (default: the environment's, else random).
+        discovery_timeout_s: longest wait for the first debug image [s].
+        scene: "sim" (closed loop with the bundled policy) or "camera" (synthetic camera only).
+    """
+    if scene not in ("sim", "camera"):
+        raise ValueError(f"scene={scene!r}: must be sim or camera")
+    config = config or ("sim.yaml" if scene == "sim" else "fovea_vla.yaml")
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
 
@@ -157,12 +188,17 @@ def run_demo(
     out_dir.mkdir(parents=True, exist_ok=True)
     env = ros_environment(domain_id)
     os.environ.update({k: v for k, v in env.items() if k.startswith("ROS_")})
-    fps = 30.0
-    graph = node_graph(config=config, use_replay=True, replay_source="synthetic")
-    overrides = {
-        "camera_replay": {"rate_hz": fps, "synthetic.camera_motion": True, "synthetic.scene_cut_every_s": 8.0},
-        "fovea_node": {"debug_image.max_rate_hz": 0.0},
-    }
+    if scene == "sim":
+        fps = 10.0  # sim_bridge's control rate
+        graph = node_graph(config=config, use_replay=False, policy=True, sim=True)
+        overrides = {"sim_bridge": {"seed": 30_000}, "fovea_node": {"debug_image.max_rate_hz": 0.0}}
+    else:
+        fps = 30.0
+        graph = node_graph(config=config, use_replay=True, replay_source="synthetic")
+        overrides = {
+            "camera_replay": {"rate_hz": fps, "synthetic.camera_motion": True, "synthetic.scene_cut_every_s": 8.0},
+            "fovea_node": {"debug_image.max_rate_hz": 0.0},
+        }
     print(
         f"[demo] ROS_DOMAIN_ID={env['ROS_DOMAIN_ID']}: starting {', '.join(s.name for s in graph)} "
         f"(logs in {out_dir / 'logs'})",
@@ -191,6 +227,9 @@ def run_demo(
         print(f"[demo] graph running; recording {duration_s:.0f} s", flush=True)
         while time.monotonic() - start < duration_s:
             executor.spin_once(timeout_sec=0.1)
+            failed = {n: c for n, c in processes.poll().items() if c is not None}
+            if failed:
+                raise RuntimeError(f"node(s) exited during the recording {failed}; see {out_dir / 'logs'}")
         wall_s = time.monotonic() - start
         # The window's counts end here, before stopping the graph adds frames nobody processes.
         infos_at_end, stats_at_end = recorder.camera_infos, recorder.last_stats
@@ -246,6 +285,18 @@ def run_demo(
         "node_exit_codes": exit_codes,
         "files": {},
     }
+    if scene == "sim":
+        policy = recorder.policy_stats
+        summary["scene"] = "sim"
+        summary["episodes"] = recorder.episodes
+        summary["successes"] = sum(e["success"] for e in recorder.episodes)
+        summary["policy"] = {
+            "chunks_predicted": int(policy.chunks_predicted) if policy else 0,
+            "status": policy.status if policy else "no stats",
+            "capture_to_chunk_ms": _percentiles(recorder.chunk_latency_ms),
+            "interventions": {d.reason: int(d.count) for d in policy.interventions} if policy else {},
+            "device": policy.device if policy else "",
+        }
     if recorder.snapshots:
         _contact_sheet(recorder.snapshots, out_dir / "contact_sheet.png")
         summary["files"]["contact_sheet"] = str(out_dir / "contact_sheet.png")

@@ -89,14 +89,22 @@ def _eval_in_process(args, out: Path) -> dict:
     from fovea_vla.core.policy.runner import ActionHeadRunner, RunnerConfig
     from fovea_vla.core.policy.text import SentenceEncoder
     from fovea_vla.core.sim.closed_loop import run_episode, summarize_episodes
-    from fovea_vla.nodes.policy_node import safety_limits_from_files
+    from fovea_vla.nodes.policy_node import executor_config_from_files, safety_limits_from_files
 
     model, spec = load_policy(args.policy)
-    pipeline = FoveaPipeline(_pipeline_config(args.config))
-    runner = ActionHeadRunner(model, RunnerConfig(device=args.device))
+    pipeline_cfg = _pipeline_config(args.config)
     text = SentenceEncoder()
+    # The checks policy_node makes: the same encoder, token width and instruction embedding.
+    spec.check_compatible(
+        encoder_architecture=pipeline_cfg.encoder.architecture,
+        token_dim=pipeline_cfg.encoder.dims()[0],
+        text_encoder=text.name,
+        instruction_dim=text.dim,
+    )
+    pipeline = FoveaPipeline(pipeline_cfg)
+    runner = ActionHeadRunner(model, RunnerConfig(device=args.device))
     env = _env(args)
-    limits = safety_limits_from_files(args.config, spec)
+    limits, executor_cfg = safety_limits_from_files(args.config, spec), executor_config_from_files(args.config)
 
     def overlay(rgb, output):
         return draw_overlay(rgb, output.fixation, output.layout, None, output.flow_grid, label=env.instruction)
@@ -104,7 +112,16 @@ def _eval_in_process(args, out: Path) -> dict:
     reports = []
     for index, seed in enumerate(range(args.seed, args.seed + args.episodes)):
         report = run_episode(
-            env, seed, pipeline, runner, spec, text, limits=limits, record=index < args.videos, overlay=overlay
+            env,
+            seed,
+            pipeline,
+            runner,
+            spec,
+            text,
+            limits=limits,
+            executor_cfg=executor_cfg,
+            record=index < args.videos,
+            overlay=overlay,
         )
         reports.append(report)
         if report.frames:
@@ -167,6 +184,7 @@ def _eval_over_ros(args, out: Path) -> dict:
         "capture_to_chunk_ms_p50": float(np.percentile(latencies, 50)) if latencies.size else None,
         "capture_to_chunk_ms_p99": float(np.percentile(latencies, 99)) if latencies.size else None,
         "exit_codes": codes,
+        "timed_out": len(results) < args.episodes,
         "per_episode": results,
     }
 
@@ -176,12 +194,14 @@ def _cmd_eval(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     summary = _eval_over_ros(args, out) if args.ros else _eval_in_process(args, out)
     summary |= {"mode": "ros" if args.ros else "in_process", "policy": str(args.policy), "seed": args.seed}
+    if summary.get("timed_out"):
+        print(f"eval-sim: only {summary['episodes']} of {args.episodes} episodes finished before the deadline")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(
         f"{summary['mode']}: {summary['successes']}/{summary['episodes']} successes "
         f"({100 * summary['success_rate']:.0f} %); summary in {out / 'summary.json'}"
     )
-    return 0
+    return 1 if summary.get("timed_out") else 0
 
 
 def add_sim_parsers(sub) -> None:

@@ -1015,7 +1015,8 @@ class FoveatedEncoder:
                 self.model(*static)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: another thread (the policy in vla_stack) may use the GPU while this one captures.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             outputs = self.model(*static)
         staging = tuple(torch.empty_like(t, pin_memory=True) if t.device.type == "cpu" else None for t in inputs)
         return _Graph(graph, static, outputs, staging)

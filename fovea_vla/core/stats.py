@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import Counter, deque
 
 import numpy as np
@@ -22,36 +23,42 @@ class LatencyTracker:
         self.window = window
         self._samples: dict[str, deque] = {}
         self._last: dict[str, float] = {}
+        self._lock = threading.Lock()  # nodes add from several executor threads
 
     def add(self, stage: str, ms: float) -> None:
-        self._samples.setdefault(stage, deque(maxlen=self.window)).append(float(ms))
-        self._last[stage] = float(ms)
+        with self._lock:
+            self._samples.setdefault(stage, deque(maxlen=self.window)).append(float(ms))
+            self._last[stage] = float(ms)
 
     def add_all(self, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():
             self.add(stage, ms)
 
     def stages(self) -> list[str]:
-        return list(self._samples)
+        with self._lock:
+            return list(self._samples)
 
     def last(self, stage: str) -> float:
         return self._last.get(stage, float("nan"))
 
     def percentile(self, stage: str, q: float) -> float:
         """q-th percentile [ms] of the stage's recent samples (NaN when none)."""
-        samples = self._samples.get(stage)
+        with self._lock:
+            samples = list(self._samples.get(stage, ()))
         if not samples:
             return float("nan")
-        return float(np.percentile(np.fromiter(samples, dtype=np.float64), q))
+        return float(np.percentile(np.asarray(samples, dtype=np.float64), q))
 
     def summary(self) -> dict[str, dict[str, float]]:
         """``{stage: {"last", "p50", "p90", "p99", "count"}}`` in milliseconds."""
         out = {}
-        for stage, samples in self._samples.items():
-            values = np.fromiter(samples, dtype=np.float64)
+        with self._lock:
+            snapshot = {stage: (list(samples), self._last[stage]) for stage, samples in self._samples.items()}
+        for stage, (samples, last) in snapshot.items():
+            values = np.asarray(samples, dtype=np.float64)
             p50, p90, p99 = np.percentile(values, [50, 90, 99])
             out[stage] = {
-                "last": self._last[stage],
+                "last": last,
                 "p50": float(p50),
                 "p90": float(p90),
                 "p99": float(p99),

@@ -180,6 +180,20 @@ PARAMS: tuple[ParamSpec, ...] = (
         range=(1, 100),
     ),
     ParamSpec(
+        "outputs.trajectory_velocities",
+        False,
+        "Fill the joint_trajectory points' velocities. joint_trajectory_controller (Jazzy) refuses trajectories "
+        "ending with a nonzero velocity unless allow_nonzero_velocity_at_trajectory_end is true; without "
+        "velocities it interpolates the closely spaced positions.",
+    ),
+    ParamSpec(
+        "outputs.twist_feedback_gain",
+        2.0,
+        "cmd_twist adds gain * (commanded - measured ee pose) to the commanded velocity, within the limits, so "
+        "the arm tracks the absolute targets a twist alone leaves open loop [1/s]; 0 = off.",
+        range=(0.0, 50.0),
+    ),
+    ParamSpec(
         "outputs.twist_stamp",
         "source",
         "cmd_twist header stamp: the source frame's capture stamp, or the command time (MoveIt Servo "
@@ -262,6 +276,20 @@ def safety_limits_from_files(config: str, spec) -> SafetyLimits:
     return safety_limits(values, layout)
 
 
+def executor_config_from_files(config: str) -> ExecutorConfig:
+    """The executor settings policy_node would use with parameter file ``config``."""
+    from fovea_vla.bringup import BASE_CONFIG, parameter_file_paths
+    from fovea_vla.nodes.params import values_from_files
+
+    files = (BASE_CONFIG,) if config == BASE_CONFIG else (BASE_CONFIG, config)
+    values = values_from_files(PARAMS, parameter_file_paths(files), PolicyNode.NODE_NAME)
+    return ExecutorConfig(
+        control_rate_hz=values["control_rate_hz"],
+        max_blend_s=values["executor.max_blend_s"],
+        min_blend_s=values["executor.min_blend_s"],
+    )
+
+
 class PolicyNode(Node):
     """Action head + chunk executor + safety as a ROS node, fed tokens in-process.
 
@@ -287,7 +315,6 @@ class PolicyNode(Node):
             raise ConfigError(f"policy_node: invalid configuration: {exc}") from exc
         self.instruction = ""
         self.joint_positions: dict[str, float] = {}
-        self.state_stamp_ns = 0
         self.ee_state: np.ndarray | None = None
         self.last_frame_ns = 0
         self.last_chunk_frame_ns = 0
@@ -304,13 +331,18 @@ class PolicyNode(Node):
         # The executor and the monitor are touched by the policy timer, the control timer and the
         # input callbacks, which a multi-threaded executor runs concurrently.
         self._lock = threading.Lock()
+        self._reanchor = False  # set when commands are switched on: start from the measured state
+        self.policy_errors = 0
+        self._stats_header = Header()  # the newest chunk's source stamp and camera frame
         self.add_on_set_parameters_callback(self._on_set_parameters)
+        # The control tick and the e-stop share one group: a tick never publishes after the e-stop's hold.
+        control_group = MutuallyExclusiveCallbackGroup()
 
         state_qos = qos.sensor(p["state_qos.reliability"], 5)
         self.create_subscription(JointState, "joint_states", self._on_joint_states, state_qos)
         if self.layout.action_space == "ee_pose":
             self.create_subscription(PoseStamped, "ee_pose", self._on_ee_pose, state_qos)
-        self.create_subscription(Bool, "estop", self._on_estop, qos.outputs())
+        self.create_subscription(Bool, "estop", self._on_estop, qos.outputs(), callback_group=control_group)
         self.create_service(Trigger, "rearm", self._on_rearm)
         out = qos.outputs()
         self.pub_chunk = self.create_publisher(ActionChunk, "action_chunk", out)
@@ -335,7 +367,9 @@ class PolicyNode(Node):
         )
         # Inference and control on separate groups: a slow chunk never delays a control tick.
         self.create_timer(1.0 / p["policy.rate_hz"], self._policy_step, MutuallyExclusiveCallbackGroup())
-        self.create_timer(1.0 / p["control_rate_hz"], self._control_tick, MutuallyExclusiveCallbackGroup())
+        self.create_timer(1.0 / p["control_rate_hz"], self._control_tick, control_group)
+        # Health even while no chunk comes (a dead camera): stats at 2 Hz as well as per chunk.
+        self.create_timer(0.5, self._publish_stats, control_group)
 
     # -- configuration ---------------------------------------------------------------------
     def _configure(self, encoder_architecture: str | None, token_dim: int) -> None:
@@ -415,6 +449,8 @@ class PolicyNode(Node):
             if parameter.name == "enable_actions":
                 if not isinstance(parameter.value, bool):
                     return SetParametersResult(successful=False, reason="enable_actions must be a bool")
+                if parameter.value and not self.params["enable_actions"]:
+                    self._reanchor = True  # the dry run's command may be far from the arm
                 self.params["enable_actions"] = parameter.value
                 self.get_logger().warning(f"enable_actions -> {parameter.value}")
         return SetParametersResult(successful=True)
@@ -422,10 +458,10 @@ class PolicyNode(Node):
     # -- inputs ----------------------------------------------------------------------------
     def set_instruction(self, text: str) -> None:
         """The instruction the policy follows (fovea_node forwards its topic and service)."""
-        self.instruction = text
         start = time.perf_counter()
-        self.text.embed(text)  # embed now, not inside the next policy step
+        self.text.embed(text)  # embed now (cached), not inside the next policy step
         self.latency.add("text", (time.perf_counter() - start) * 1e3)
+        self.instruction = text
 
     def _on_joint_states(self, msg: JointState) -> None:
         if len(msg.position) != len(msg.name):
@@ -437,9 +473,8 @@ class PolicyNode(Node):
             return
         self.joint_positions.update(positions)
         stamp = stamp_to_ns(msg.header.stamp) or self.get_clock().now().nanoseconds
-        if self.layout.action_space == "joint_position" and all(
-            j in self.joint_positions for j in self.layout.joint_names
-        ):
+        # Only a message with every arm joint refreshes the arm state (a gripper-only one does not).
+        if self.layout.action_space == "joint_position" and all(j in positions for j in self.layout.joint_names):
             self._state_observed(stamp)
 
     def _on_ee_pose(self, msg: PoseStamped) -> None:
@@ -458,7 +493,6 @@ class PolicyNode(Node):
         self._state_observed(stamp_to_ns(msg.header.stamp) or self.get_clock().now().nanoseconds)
 
     def _state_observed(self, stamp_ns: int) -> None:
-        self.state_stamp_ns = stamp_ns
         with self._lock:
             self.monitor.observe("state", self._seconds(stamp_ns))
 
@@ -501,8 +535,21 @@ class PolicyNode(Node):
 
     # -- policy ----------------------------------------------------------------------------
     def _policy_step(self) -> None:
+        try:
+            self._predict()
+        except Exception as exc:  # one bad step must not take the process (and fovea_node) down
+            self.policy_errors += 1
+            self.get_logger().error(
+                f"policy step failed ({type(exc).__name__}: {exc}); the executor runs out of chunk and holds",
+                throttle_duration_sec=2.0,
+            )
+
+    def _predict(self) -> None:
         frame = self.tokens.latest()
         if frame is None or frame.stamp_ns == self.last_chunk_frame_ns:
+            return
+        if not self.instruction:
+            self.get_logger().info("waiting for an instruction (topic `instruction`)", throttle_duration_sec=5.0)
             return
         state = self._state()
         if state is None:
@@ -516,20 +563,24 @@ class PolicyNode(Node):
         embedding = self.text.embed(self.instruction)
         output = self.runner.predict(frame.tokens, frame.positions, embedding, state)
         actions = output.actions
-        if self.layout.action_space == "ee_pose" and self._last_command is not None:
-            actions[:, 3:6] = unwrap_angles(actions[:, 3:6], self._last_command.position[3:6])
         now_s = self._now_s()
-        chunk = Chunk(
-            actions=actions,
-            start_s=self._seconds(frame.stamp_ns) + self.spec.step_s,
-            step_s=self.spec.step_s,
-            stamp_ns=frame.stamp_ns,
-        )
+        capture_s = self._seconds(frame.stamp_ns)
         with self._lock:
+            self.monitor.observe("frame", capture_s)
             if self._last_command is not None and self._last_command.stopped is not None:
                 # Holding (a stop, or no chunk to follow): the arm may have been moved meanwhile (by
                 # hand, a reset), so the next chunk starts from where it is, not from the last command.
                 self.chunk_executor.reset(state, now_s)
+            if self.layout.action_space == "ee_pose":
+                # Angles continue the running command (no 2 pi turn where roll/yaw cross +-pi).
+                actions[:, 3:6] = unwrap_angles(actions[:, 3:6], self.chunk_executor.position[3:6])
+            chunk = Chunk(
+                actions=actions,
+                start_s=capture_s + self.spec.step_s,
+                step_s=self.spec.step_s,
+                stamp_ns=frame.stamp_ns,
+                capture_s=capture_s,
+            )
             rejected = self.chunk_executor.add_chunk(chunk, now_s)
         if rejected:
             self.get_logger().warning(f"chunk rejected ({rejected})", throttle_duration_sec=2.0)
@@ -540,9 +591,10 @@ class PolicyNode(Node):
         if output.device_ms is not None:
             self.latency.add("head_gpu", output.device_ms)
         header = Header(stamp=ns_to_stamp(frame.stamp_ns), frame_id=frame.frame_id)
+        self._stats_header = header
         if self.params["outputs.action_chunk"]:
             self.pub_chunk.publish(self._chunk_msg(actions, header, output.timing_ms, rejected))
-        self.pub_stats.publish(self._stats(header))
+        self._publish_stats()
 
     def _chunk_msg(self, actions: np.ndarray, header: Header, inference_ms: float, rejected: str | None) -> ActionChunk:
         step_ns = round(self.spec.step_s * 1e9)
@@ -575,6 +627,11 @@ class PolicyNode(Node):
             if frame is not None and frame.stamp_ns != self.last_frame_ns:
                 self.last_frame_ns = frame.stamp_ns
                 self.monitor.observe("frame", self._seconds(frame.stamp_ns))
+            if self._reanchor and self.params["enable_actions"]:
+                state = self._state()
+                if state is not None:
+                    self.chunk_executor.reset(state, now_s)
+                    self._reanchor = False
             command = self.chunk_executor.step(now_s)
             # Points from the next tick on: a point for "now" would already be late on arrival, and
             # joint_trajectory_controller refuses a trajectory that ends in the past.
@@ -598,7 +655,7 @@ class PolicyNode(Node):
                 "counts in policy_stats.interventions",
                 throttle_duration_sec=2.0,
             )
-        if self.params["enable_actions"]:
+        if self.params["enable_actions"] and not self._reanchor:
             self._publish_command(command, points)
         self.latency.add("executor", (time.perf_counter() - start) * 1e3)
 
@@ -611,7 +668,7 @@ class PolicyNode(Node):
             twist_stamp = stamp_ns if self.params["outputs.twist_stamp"] == "source" else now_ns
             twist.header = Header(stamp=ns_to_stamp(twist_stamp), frame_id=self.params["base_frame"])
             if not command.stopped:
-                v = command.velocity
+                v = self._twist_velocity(command)
                 omega = angular_velocity_from_rpy_rates(command.position[3:6], v[3:6])
                 twist.twist.linear.x, twist.twist.linear.y, twist.twist.linear.z = (float(x) for x in v[:3])
                 twist.twist.angular.x, twist.twist.angular.y, twist.twist.angular.z = (float(x) for x in omega)
@@ -626,7 +683,11 @@ class PolicyNode(Node):
                 trajectory.points.append(
                     JointTrajectoryPoint(
                         positions=[float(x) for x in item.position[:arm]],
-                        velocities=[0.0] * arm if item.stopped else [float(x) for x in item.velocity[:arm]],
+                        velocities=(
+                            ([0.0] * arm if item.stopped else [float(x) for x in item.velocity[:arm]])
+                            if self.params["outputs.trajectory_velocities"]
+                            else []
+                        ),
                         time_from_start=Duration(sec=offset_ns // 1_000_000_000, nanosec=offset_ns % 1_000_000_000),
                     )
                 )
@@ -640,11 +701,32 @@ class PolicyNode(Node):
             self.pub_gripper.publish(Float64(data=float(opened + command.position[-1] * (closed - opened))))
         self.commands_published += 1
 
+    def _twist_velocity(self, command: Command) -> np.ndarray:
+        """(6,) x y z and roll/pitch/yaw rates for the twist: the command's velocity plus a
+        proportional pull of the measured pose toward the command, within the velocity limits.
+
+        A twist is open loop (Servo integrates it; a sampled or slowed twist leaves the arm off the
+        plan), so without the pull the arm would drift from the absolute targets the chunks hold.
+        """
+        velocity = command.velocity[:6].copy()
+        gain = self.params["outputs.twist_feedback_gain"]
+        if gain > 0 and self.ee_state is not None:
+            error = command.position[:6] - self.ee_state
+            error[3:6] = (error[3:6] + np.pi) % (2 * np.pi) - np.pi
+            limit = np.asarray(self.chunk_executor.limits.velocity_max[:6])
+            velocity = np.clip(velocity + gain * error, -limit, limit)
+        return velocity
+
+    def _publish_stats(self) -> None:
+        self.pub_stats.publish(self._stats(self._stats_header))
+
     def _stats(self, header: Header) -> PolicyStats:
         command = self._last_command
         status = "waiting" if command is None else (f"stopped: {command.stopped}" if command.stopped else "running")
         now_ns = self.get_clock().now().nanoseconds
-        counters = self.chunk_executor.counters
+        counters = dict(self.chunk_executor.counters)
+        if self.policy_errors:
+            counters["policy_errors"] = self.policy_errors
         return PolicyStats(
             header=header,
             actions_enabled=bool(self.params["enable_actions"]),

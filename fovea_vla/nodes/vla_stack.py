@@ -45,6 +45,8 @@ def build(**node_kwargs) -> tuple[FoveaNode, PolicyNode]:
         fovea.destroy_node()
         raise
     fovea.add_instruction_listener(policy.set_instruction)
+    # Capture the head's CUDA graph for the configured budget now, before both nodes run in threads.
+    policy.runner.warm_up(fovea.params["foveation.num_tokens"])
     return fovea, policy
 
 

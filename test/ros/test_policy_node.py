@@ -112,7 +112,11 @@ def start_stack(probe, tmp_path_factory, namespace: str, action_space: str, enab
     graph = node_graph(config="cpu.yaml", use_replay=True, policy=True)
     parameters = {
         "camera_replay": {"synthetic.width": 320, "synthetic.height": 240, "rate_hz": 10.0},
-        "fovea_node": {"debug_image.enabled": False, "max_frame_age_ms": 5000.0},
+        "fovea_node": {
+            "debug_image.enabled": False,
+            "max_frame_age_ms": 5000.0,
+            "instruction": "push the red block onto the green square",
+        },
         "policy_node": {
             "policy.checkpoint": str(folder / "policy"),
             "action_space": action_space,
@@ -147,7 +151,9 @@ def ee_stack(ros_probe, tmp_path_factory):
 
 
 def moving(trajectory: JointTrajectory) -> bool:
-    return any(abs(v) > 0 for point in trajectory.points for v in point.velocities)
+    """The points (positions only by default) do not all hold one position."""
+    first = np.array(trajectory.points[0].positions)
+    return any(np.abs(np.array(point.positions) - first).max() > 1e-9 for point in trajectory.points[1:])
 
 
 def test_joint_trajectories_carry_the_source_frame_stamp_and_stay_in_limits(ros_probe, joint_stack):

@@ -392,3 +392,26 @@ def test_config_validation_names_the_field():
         Chunk(np.zeros((4, 2)), 0.0, 0.0, 1)
     with pytest.raises(RuntimeError, match="reset"):
         ChunkExecutor(ExecutorConfig(), SafetyLimits.unlimited(2)).step(0.0)
+
+
+def test_first_chunk_after_a_reset_is_followed_whatever_its_stamp():
+    executor = ChunkExecutor(ExecutorConfig(), SafetyLimits.unlimited(2))
+    executor.reset(np.zeros(2), 0.0)
+    # A simulator's first frame is stamped at time 0: nothing was followed yet, so it is not "out of order".
+    assert executor.add_chunk(Chunk(np.ones((K, 2)), 0.0, STEP, 0), 0.0) is None
+    assert executor.add_chunk(Chunk(np.ones((K, 2)), 0.1, STEP, 0), 0.1) == "out_of_order"
+
+
+def test_capture_time_not_step_time_decides_predates_stop():
+    monitor = SafetyMonitor(WatchdogConfig(max_observation_age_s=10.0, required=()))
+    executor = ChunkExecutor(ExecutorConfig(), SafetyLimits.unlimited(1), monitor)
+    executor.reset(np.zeros(1), 0.0)
+    monitor.estop(True, 1.0)
+    assert executor.step(1.0).stopped == "estop"
+    monitor.estop(False, 1.1)
+    monitor.rearm(1.1)
+    # Step 0 is due after the stop, but the frame was captured before it.
+    late = Chunk(np.ones((K, 1)), start_s=1.05, step_s=STEP, stamp_ns=2, capture_s=0.95)
+    assert executor.add_chunk(late, 1.2) == "predates_stop"
+    fresh = Chunk(np.ones((K, 1)), start_s=1.25, step_s=STEP, stamp_ns=3, capture_s=1.15)
+    assert executor.add_chunk(fresh, 1.2) is None

@@ -63,12 +63,15 @@ class Chunk:
         step_s: time between steps [s], > 0.
         stamp_ns: capture stamp of the source frame [ns], carried onto every command that follows
             this chunk; only its order matters here (times are ``start_s``, on the caller's clock).
+        capture_s: capture time of the source frame [s, caller's clock], for the "captured
+            before the last stop" check; None = ``start_s``.
     """
 
     actions: np.ndarray
     start_s: float
     step_s: float
     stamp_ns: int
+    capture_s: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "actions", np.asarray(self.actions, dtype=np.float64))
@@ -78,6 +81,8 @@ class Chunk:
             raise ValueError(f"chunk.step_s={self.step_s!r}: must be a finite number > 0")
         if not is_int(self.stamp_ns) or self.stamp_ns < 0:
             raise ValueError(f"chunk.stamp_ns={self.stamp_ns!r}: must be an integer >= 0")
+        if self.capture_s is not None and not (is_real(self.capture_s) and math.isfinite(self.capture_s)):
+            raise ValueError(f"chunk.capture_s={self.capture_s!r}: must be None or a finite number")
 
     @property
     def end_s(self) -> float:
@@ -280,9 +285,15 @@ class ChunkExecutor:
         self._target: ChunkSpline | _Hold = _Hold(np.zeros(limits.num_dims))
         self._target_jerk = np.zeros(limits.num_dims)  # J_env contribution of the chunk followed
         self._stamp_ns = 0
+        self._following = False  # a chunk was accepted since the last reset (orders the next ones)
         self._intervened = False  # the filter changed the last tick's command
         self._stop_reason: str | None = None  # the last tick's monitor stop
         self._stop_s = -math.inf  # onset of the last stop
+
+    @property
+    def position(self) -> np.ndarray:
+        """(D,) the last commanded position (a copy)."""
+        return self._filter.position
 
     @property
     def splice_window(self) -> tuple[float, float] | None:
@@ -292,7 +303,7 @@ class ChunkExecutor:
     def reset(self, position: np.ndarray, now_s: float) -> None:
         """Hold ``position`` ((D,) finite [unit]) at rest from ``now_s`` [s]; drops the plan."""
         self._hold(position)
-        self._last_tick_s, self._stamp_ns = now_s, 0
+        self._last_tick_s, self._stamp_ns, self._following = now_s, 0, False
 
     def add_chunk(self, chunk: Chunk, now_s: float) -> str | None:
         """Offer a chunk; an accepted one is spliced in from ``now_s`` [s] on.
@@ -301,7 +312,7 @@ class ChunkExecutor:
             None when accepted, else the reason it was refused (counted as ``rejected_<reason>``):
             ``shape`` (not (K >= 2, D)), ``non_finite`` (NaN or inf in the actions), ``stopped`` (the
             monitor stops now), ``predates_stop`` (captured at or before the onset of the last stop),
-            ``out_of_order`` (not captured after the chunk last followed),
+            ``out_of_order`` (not captured after the chunk followed since the last reset),
             ``expired`` (ends less than ``min_blend_s`` after now).
         """
         if self._last_tick_s is None:
@@ -323,6 +334,7 @@ class ChunkExecutor:
             lambda w: spline.evaluate(t0_s + w[:, 0])[:3],
         )
         self._target, self._target_jerk, self._stamp_ns = spline, jerk, chunk.stamp_ns
+        self._following = True
         return None
 
     def step(self, now_s: float) -> Command:
@@ -350,9 +362,9 @@ class ChunkExecutor:
             return "non_finite"
         if self.monitor is not None and self.monitor.check(now_s) is not None:
             return "stopped"
-        if chunk.start_s <= self._stop_s:
+        if (chunk.start_s if chunk.capture_s is None else chunk.capture_s) <= self._stop_s:
             return "predates_stop"
-        if chunk.stamp_ns <= self._stamp_ns:
+        if self._following and chunk.stamp_ns <= self._stamp_ns:
             return "out_of_order"
         if chunk.end_s < max(now_s, self._last_tick_s) + self.cfg.min_blend_s:
             return "expired"

@@ -20,6 +20,7 @@ from fovea_vla.core.policy.head import ActionHead
 __all__ = ["ActionHeadRunner", "HeadOutput", "RunnerConfig"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_GRAPHS = 16  # CUDA graphs kept (one per token count), least recently used dropped first
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,6 +112,17 @@ class ActionHeadRunner:
             (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if self._cuda else None
         )
 
+    def warm_up(self, num_tokens: int) -> None:
+        """Run (and on CUDA capture) the head once for ``num_tokens`` tokens, before the node spins:
+        capturing later, in the policy thread, would do it while the encoder's thread works."""
+        head = self.model.cfg
+        self.predict(
+            torch.zeros(num_tokens, head.token_dim, device=self.device),
+            np.zeros((num_tokens, 3), np.float32),
+            np.zeros(head.instruction_dim, np.float32),
+            np.zeros(head.state_dim),
+        )
+
     @property
     def graph_token_counts(self) -> list[int]:
         """Token counts N with a captured CUDA graph."""
@@ -125,7 +137,8 @@ class ActionHeadRunner:
                 self.model(*static)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: the encoder's thread may allocate or synchronise while this thread captures.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             actions = self.model(*static)
         return _Graph(graph, *static, actions)
 
@@ -175,14 +188,17 @@ class ActionHeadRunner:
         state_dev = self._state_host.to(self.device, non_blocking=True)
         with torch.no_grad():
             if self._use_graphs:
-                entry = self._graphs.get(tokens.shape[1])
+                entry = self._graphs.pop(tokens.shape[1], None)
                 if entry is None:
-                    entry = self._graphs[tokens.shape[1]] = self._capture(tokens, positions, instruction, state_dev)
+                    if len(self._graphs) >= MAX_GRAPHS:  # an adaptive budget makes many counts: drop the oldest
+                        self._graphs.pop(next(iter(self._graphs)))
+                    entry = self._capture(tokens, positions, instruction, state_dev)
                 else:
                     entry.tokens.copy_(tokens)
                     entry.positions.copy_(positions)
                     entry.instruction.copy_(instruction)
                     entry.state.copy_(state_dev)
+                self._graphs[tokens.shape[1]] = entry  # most recently used last
                 self._events[0].record()
                 entry.graph.replay()
                 self._events[1].record()

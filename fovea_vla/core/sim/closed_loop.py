@@ -41,6 +41,7 @@ class EpisodeReport:
         time_to_success_s: simulated time until success, None on failure.
         step_ms: (steps,) wall time of pipeline + head + executor per step [ms].
         frames: rendered RGB frames when recorded (for videos), else empty.
+        rejected_chunks: chunks the executor refused, by reason.
     """
 
     seed: int
@@ -50,6 +51,7 @@ class EpisodeReport:
     time_to_success_s: float | None
     step_ms: list[float] = field(default_factory=list)
     frames: list[np.ndarray] = field(default_factory=list)
+    rejected_chunks: dict[str, int] = field(default_factory=dict)
 
 
 def run_episode(
@@ -101,9 +103,10 @@ def run_episode(
         output = pipeline.process(frame)
         positions = token_positions(output.layout.centers, output.layout.levels, output.width, output.height)
         head = runner.predict(output.tokens, positions, embedding, state)
-        executor.add_chunk(
-            Chunk(head.actions, start_s=now_s + spec.step_s, step_s=spec.step_s, stamp_ns=frame.stamp_ns), now_s
-        )
+        chunk = Chunk(head.actions, start_s=now_s + spec.step_s, step_s=spec.step_s, stamp_ns=frame.stamp_ns)
+        rejected = executor.add_chunk(chunk, now_s)
+        if rejected:
+            report.rejected_chunks[rejected] = report.rejected_chunks.get(rejected, 0) + 1
         command = None
         for tick in range(1, ticks_per_step + 1):
             command = executor.step(now_s + tick * step_s / ticks_per_step)
