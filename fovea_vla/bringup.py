@@ -17,7 +17,9 @@ __all__ = [
     "NodeSpec",
     "camera_topics",
     "config_dir",
+    "config_files",
     "node_graph",
+    "node_values",
     "parameter_file_paths",
     "resolve_package_path",
 ]
@@ -121,6 +123,22 @@ def resolve_package_path(path: str) -> str:
     return str(Path(get_package_share_directory(package)) / relative)
 
 
+def config_files(config: str = BASE_CONFIG) -> tuple[str, ...]:
+    """The parameter files a ``config`` launch argument means: fovea_vla.yaml, then the overlay.
+
+    >>> config_files("cpu.yaml")
+    ('fovea_vla.yaml', 'cpu.yaml')
+    """
+    return (BASE_CONFIG,) if config == BASE_CONFIG else (BASE_CONFIG, config)
+
+
+def node_values(config: str, specs, node_name: str) -> dict[str, object]:
+    """``{parameter: value}`` a node gets from :func:`config_files` (defaults where unset), as rcl resolves them."""
+    from fovea_vla.nodes.params import values_from_files
+
+    return values_from_files(specs, parameter_file_paths(config_files(config)), node_name)
+
+
 def parameter_file_paths(files: tuple[str, ...]) -> list[Path]:
     """Absolute paths of parameter files named relative to config/."""
     base = config_dir()
@@ -156,7 +174,7 @@ def node_graph(
     **_ignored,
 ) -> list[NodeSpec]:
     """Processes of the graph for the given launch arguments (same names as LAUNCH_ARGUMENTS)."""
-    files = (BASE_CONFIG,) if config == BASE_CONFIG else (BASE_CONFIG, config)
+    files = config_files(config)
     remap = tuple(camera_topics(camera_topic).items())
     graph = []
     if _truthy(sim):

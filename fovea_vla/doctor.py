@@ -48,14 +48,12 @@ def _stage_registries():
 
 
 def _selection(config: str) -> list[str]:
-    from fovea_vla.bringup import BASE_CONFIG, parameter_file_paths
+    from fovea_vla.bringup import config_files, node_values, parameter_file_paths
     from fovea_vla.nodes.fovea_node import PARAMS, pipeline_config
-    from fovea_vla.nodes.params import values_from_files
 
-    files = (BASE_CONFIG,) if config == BASE_CONFIG else (BASE_CONFIG, config)
-    paths = parameter_file_paths(files)
+    paths = parameter_file_paths(config_files(config))
     lines = [f"Selection for {' + '.join(str(p) for p in paths)}:"]
-    values = values_from_files(PARAMS, paths, "fovea_node")
+    values = node_values(config, PARAMS, "fovea_node")
     cfg = pipeline_config(values)
     registries = _stage_registries()
     wanted = {"flow": (cfg.flow.backend, "flow.backend"), "texture": (cfg.texture.backend, "texture.backend")}

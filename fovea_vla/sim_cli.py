@@ -62,16 +62,6 @@ def _cmd_record(args) -> int:
     return 0
 
 
-def _pipeline_config(config: str):
-    from fovea_vla.bringup import BASE_CONFIG, parameter_file_paths
-    from fovea_vla.nodes import fovea_node
-    from fovea_vla.nodes.params import values_from_files
-
-    files = (BASE_CONFIG,) if config == BASE_CONFIG else (BASE_CONFIG, config)
-    values = values_from_files(fovea_node.PARAMS, parameter_file_paths(files), "fovea_node")
-    return fovea_node.pipeline_config(values)
-
-
 def _write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
     import cv2
 
@@ -90,9 +80,10 @@ def _eval_in_process(args, out: Path) -> dict:
     from fovea_vla.core.policy.text import SentenceEncoder
     from fovea_vla.core.sim.closed_loop import run_episode, summarize_episodes
     from fovea_vla.nodes.policy_node import executor_config_from_files, safety_limits_from_files
+    from fovea_vla.train_cli import pipeline_config_from_files
 
     model, spec = load_policy(args.policy)
-    pipeline_cfg = _pipeline_config(args.config)
+    pipeline_cfg = pipeline_config_from_files(args.config)  # the pipeline the policy was trained on
     text = SentenceEncoder()
     # The checks policy_node makes: the same encoder, token width and instruction embedding.
     spec.check_compatible(

@@ -22,12 +22,10 @@ def pipeline_config_from_files(config: str):
     Raises:
         ConfigError: a value the core refuses (the message names the parameter).
     """
-    from fovea_vla.bringup import BASE_CONFIG, parameter_file_paths
+    from fovea_vla.bringup import node_values
     from fovea_vla.nodes import fovea_node
-    from fovea_vla.nodes.params import values_from_files
 
-    files = (BASE_CONFIG,) if config == BASE_CONFIG else (BASE_CONFIG, config)
-    values = values_from_files(fovea_node.PARAMS, parameter_file_paths(files), "fovea_node")
+    values = node_values(config, fovea_node.PARAMS, "fovea_node")
     values["encoder.enabled"] = True
     return fovea_node.pipeline_config(values)
 

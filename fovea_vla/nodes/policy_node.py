@@ -31,7 +31,7 @@ from std_msgs.msg import Bool, Float64, Float64MultiArray, Header, MultiArrayDim
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
-from fovea_vla.bringup import resolve_package_path
+from fovea_vla.bringup import node_values, resolve_package_path
 from fovea_vla.core.policy.checkpoint import ACTION_SPACES, CheckpointError, load_policy
 from fovea_vla.core.policy.executor import Chunk, ChunkExecutor, Command, ExecutorConfig
 from fovea_vla.core.policy.observation import LatestTokens
@@ -265,11 +265,7 @@ def safety_limits_from_files(config: str, spec) -> SafetyLimits:
     Raises:
         ConfigError: as :func:`safety_limits`.
     """
-    from fovea_vla.bringup import BASE_CONFIG, parameter_file_paths
-    from fovea_vla.nodes.params import values_from_files
-
-    files = (BASE_CONFIG,) if config == BASE_CONFIG else (BASE_CONFIG, config)
-    values = values_from_files(PARAMS, parameter_file_paths(files), PolicyNode.NODE_NAME)
+    values = node_values(config, PARAMS, PolicyNode.NODE_NAME)
     gripper = spec.action_names[-1] == "gripper"
     joints = spec.action_names[:-1] if gripper else spec.action_names
     layout = _Layout(spec.action_space, spec.action_names, tuple(joints), gripper)
@@ -278,11 +274,7 @@ def safety_limits_from_files(config: str, spec) -> SafetyLimits:
 
 def executor_config_from_files(config: str) -> ExecutorConfig:
     """The executor settings policy_node would use with parameter file ``config``."""
-    from fovea_vla.bringup import BASE_CONFIG, parameter_file_paths
-    from fovea_vla.nodes.params import values_from_files
-
-    files = (BASE_CONFIG,) if config == BASE_CONFIG else (BASE_CONFIG, config)
-    values = values_from_files(PARAMS, parameter_file_paths(files), PolicyNode.NODE_NAME)
+    values = node_values(config, PARAMS, PolicyNode.NODE_NAME)
     return ExecutorConfig(
         control_rate_hz=values["control_rate_hz"],
         max_blend_s=values["executor.max_blend_s"],
