@@ -559,9 +559,11 @@ class PolicyNode(Node):
         capture_s = self._seconds(frame.stamp_ns)
         with self._lock:
             self.monitor.observe("frame", capture_s)
-            if self._last_command is not None and self._last_command.stopped is not None:
-                # Holding (a stop, or no chunk to follow): the arm may have been moved meanwhile (by
-                # hand, a reset), so the next chunk starts from where it is, not from the last command.
+            holding = self._last_command is not None and self._last_command.stopped is not None
+            if holding and self.monitor.check(now_s) is None:
+                # Resuming from a hold (after a stop, or with no chunk to follow): the arm may have been
+                # moved meanwhile (by hand, a reset), so the next chunk starts from where it is. While a
+                # stop persists the hold stays where the stop caught the command.
                 self.chunk_executor.reset(state, now_s)
             if self.layout.action_space == "ee_pose":
                 # Angles continue the running command (no 2 pi turn where roll/yaw cross +-pi).
