@@ -62,8 +62,12 @@ test: lint
 test-gpu: install
 	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
 
+# The fuzz tests with 25 times the examples `make test` runs, freshly random each time (test/conftest.py).
+fuzz: install
+	FOVEA_FUZZ_PROFILE=fuzz $(BIN)/python -m pytest test/fuzz --hypothesis-show-statistics $(PYTEST_ARGS)
+
 clean:
-	rm -rf build out .pytest_cache .ruff_cache
+	rm -rf build out .pytest_cache .ruff_cache .hypothesis
 
 distclean: clean
 	rm -rf $(VENV)

@@ -27,6 +27,7 @@ setup(
             "camera_replay = fovea_vla.nodes.camera_replay:main",
             "vla_stack = fovea_vla.nodes.vla_stack:main",
             "sim_bridge = fovea_vla.nodes.sim_bridge:main",
+            "caption_node = fovea_vla.nodes.caption_node:main",
             "fovea-vla = fovea_vla.cli:main",
         ],
     },

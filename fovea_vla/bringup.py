@@ -62,6 +62,12 @@ LAUNCH_ARGUMENTS = (
         "Start sim_bridge: the simulated tabletop task as robot and camera (use with policy:=true, "
         "config:=sim.yaml, use_replay:=false).",
     ),
+    LaunchArgument(
+        "captions",
+        "true",
+        "Start caption_node (its own process): event narration, or a vision-language model when "
+        "caption_node's caption.model_path names one.",
+    ),
     LaunchArgument("replay_source", "synthetic", "camera_replay source: synthetic, a video, an image folder or a bag."),
     LaunchArgument("namespace", "", "Namespace for every node of the graph."),
     LaunchArgument("rviz", "false", "Start RViz2 with config/fovea_vla.rviz."),
@@ -171,6 +177,7 @@ def node_graph(
     rviz: str | bool = False,
     policy: str | bool = False,
     sim: str | bool = False,
+    captions: str | bool = True,
     **_ignored,
 ) -> list[NodeSpec]:
     """Processes of the graph for the given launch arguments (same names as LAUNCH_ARGUMENTS)."""
@@ -187,6 +194,8 @@ def node_graph(
         )
     else:
         graph.append(NodeSpec(PACKAGE, "fovea_node", "fovea_node", files, {}, remap))
+    if _truthy(captions):
+        graph.append(NodeSpec(PACKAGE, "caption_node", "caption_node", files, {}, remap))
     if _truthy(rviz):
         rviz_config = str(config_dir() / "fovea_vla.rviz")
         graph.append(NodeSpec("rviz2", "rviz2", "rviz2", arguments=("-d", rviz_config)))

@@ -319,6 +319,81 @@ def _add_bench_flow_parser(bench_sub) -> None:
     flow.set_defaults(func=_cmd_bench_flow)
 
 
+def _cmd_bench_decode(args) -> int:
+    from fovea_vla.bench import decode_node
+
+    results = decode_node.run(resolutions=args.resolutions, runs=args.runs, warmup=args.warmup)
+    table = decode_node.format_table(results)
+    return _report_bench(args, "decode", "Decode backends (JPEG, raw, H.264)", table, results)
+
+
+def _cmd_bench_e2e(args) -> int:
+    from fovea_vla.bench import e2e_graph
+
+    try:
+        results = e2e_graph.run(
+            resolution=args.resolution,
+            fps_list=args.fps,
+            transports=args.transports,
+            duration_s=args.duration,
+            config=args.config,
+            policy_rate_hz=args.policy_rate,
+            sensor_reliability=args.sensor_reliability,
+            warmup_s=args.warmup,
+            log_dir=Path(args.log_dir),
+            text_encoder=args.text_encoder,
+            caption_model=args.captions_model,
+        )
+    except RuntimeError as exc:
+        print(f"[bench e2e] error: {exc}", file=sys.stderr)
+        return 2
+    table = e2e_graph.format_table(results)
+    return _report_bench(args, "e2e", "End to end over ROS: camera_replay -> vla_stack", table, results)
+
+
+def _add_bench_ingest_parsers(bench_sub) -> None:
+    """``bench decode`` and ``bench e2e``."""
+    decode = bench_sub.add_parser(
+        "decode", help="every decode backend in one run: nvJPEG vs cv2.imdecode, raw upload, H.264 packets"
+    )
+    decode.add_argument("--resolutions", nargs="+", default=["1920x1080"], choices=["640x480", "1280x720", "1920x1080"])
+    decode.add_argument("--runs", type=int, default=200, help="timed decodes per row")
+    decode.add_argument("--warmup", type=int, default=20, help="untimed decodes first")
+    decode.add_argument("--json", default=None, help="also write the results as JSON here")
+    decode.add_argument("--no-append", action="store_true", help="do not append to docs/BENCHMARKS.md")
+    decode.set_defaults(func=_cmd_bench_decode)
+
+    e2e = bench_sub.add_parser(
+        "e2e", help="capture stamp -> fixation / action_chunk over ROS, camera_replay and vla_stack as processes"
+    )
+    e2e.add_argument("--resolution", type=parse_image_size, default=(640, 480), help="WxH of the camera")
+    e2e.add_argument("--fps", type=float, nargs="+", default=[15.0], help="camera rates, one run each")
+    e2e.add_argument("--transports", nargs="+", default=["raw"], choices=["raw", "jpeg"], help="one run each")
+    e2e.add_argument("--duration", type=float, default=60.0, help="measured window per run [s]")
+    e2e.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds after the first chunk")
+    e2e.add_argument(
+        "--config", default="auto", help="parameter file; auto: desktop_gpu.yaml with a CUDA device, else cpu.yaml"
+    )
+    e2e.add_argument("--policy-rate", type=float, default=200.0, help="policy_node timer [Hz] (polls new tokens)")
+    e2e.add_argument(
+        "--sensor-reliability", default="best_effort", choices=["best_effort", "reliable"], help="camera subscription"
+    )
+    e2e.add_argument("--log-dir", default="out/bench_e2e", help="node logs per run")
+    e2e.add_argument(
+        "--text-encoder",
+        default="",
+        help="policy_node text_encoder.path (a model folder, or a .json table from `fovea-vla policy embed`)",
+    )
+    e2e.add_argument(
+        "--captions-model",
+        default="",
+        help="a SmolVLM-class model folder: measure the action path with caption_node off / on / off / on",
+    )
+    e2e.add_argument("--json", default=None, help="also write the results as JSON here")
+    e2e.add_argument("--no-append", action="store_true", help="do not append to docs/BENCHMARKS.md")
+    e2e.set_defaults(func=_cmd_bench_e2e)
+
+
 def _cmd_track(args) -> int:
     from fovea_vla.track_cli import cmd_track
 
@@ -364,7 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     params = sub.add_parser("params", help="print every node parameter as a YAML file or markdown tables")
     params.add_argument("--format", choices=("yaml", "markdown"), default="markdown")
-    params.add_argument("--node", choices=("fovea_node", "camera_replay"), default=None)
+    params.add_argument(
+        "--node", choices=("fovea_node", "policy_node", "camera_replay", "sim_bridge", "caption_node"), default=None
+    )
     params.set_defaults(func=_cmd_params)
 
     from fovea_vla.policy_cli import add_policy_parser
@@ -392,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_flow_parser(bench_sub)
     _add_bench_encoder_parser(bench_sub)
     _add_bench_policy_parser(bench_sub)
+    _add_bench_ingest_parsers(bench_sub)
 
     _add_flow_parsers(sub)
     _add_slip_parser(sub)

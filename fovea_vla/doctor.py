@@ -41,10 +41,16 @@ def _versions() -> list[tuple[str, str]]:
 
 
 def _stage_registries():
+    from fovea_vla.core.decode import IMAGE_DECODERS, VIDEO_DECODERS
     from fovea_vla.core.flow import FLOW_BACKENDS
     from fovea_vla.core.texture import TEXTURE_BACKENDS
 
-    return {"flow": FLOW_BACKENDS, "texture": TEXTURE_BACKENDS}
+    return {
+        "decode": IMAGE_DECODERS,
+        "video_decode": VIDEO_DECODERS,
+        "flow": FLOW_BACKENDS,
+        "texture": TEXTURE_BACKENDS,
+    }
 
 
 def _selection(config: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""``fovea-vla policy init|info``: write an untrained checkpoint for wiring tests, describe one."""
+"""``fovea-vla policy init|info|embed``: an untrained checkpoint for wiring tests, a description, an
+instruction-embedding table."""
 
 from __future__ import annotations
 
@@ -70,6 +71,15 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_embed(args) -> int:
+    from fovea_vla.core.policy.text import SentenceEncoder, TextEncoderConfig, write_embedding_table
+
+    encoder = SentenceEncoder(TextEncoderConfig(path=args.model))
+    path = write_embedding_table(encoder, args.instructions, args.out)
+    print(f"wrote {path}: {len(args.instructions)} instructions, {encoder.name} ({encoder.dim}-d)")
+    return 0
+
+
 def add_policy_parser(sub) -> None:
     policy = sub.add_parser("policy", help="policy checkpoints: write an untrained one, describe one")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
@@ -94,3 +104,12 @@ def add_policy_parser(sub) -> None:
     info = policy_sub.add_parser("info", help="describe a checkpoint")
     info.add_argument("checkpoint")
     info.set_defaults(func=_cmd_info)
+    embed = policy_sub.add_parser(
+        "embed",
+        help="precompute instruction embeddings into a .json table (policy_node text_encoder.path), "
+        "so a robot with fixed tasks runs without the text model",
+    )
+    embed.add_argument("--out", required=True, help="table file to write (.json)")
+    embed.add_argument("--model", default="", help="sentence-transformers folder; empty = the bundled model")
+    embed.add_argument("instructions", nargs="+", help="the instructions, exactly as they will be given")
+    embed.set_defaults(func=_cmd_embed)

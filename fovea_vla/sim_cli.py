@@ -92,6 +92,12 @@ def _eval_in_process(args, out: Path) -> dict:
         text_encoder=text.name,
         instruction_dim=text.dim,
     )
+    trained_depth, depth = spec.provenance.get("encoder_depth"), pipeline_cfg.encoder.dims()[1]
+    if trained_depth is not None and trained_depth != depth:
+        raise SystemExit(
+            f"eval-sim: {args.policy} was trained on tokens of {trained_depth} encoder blocks, "
+            f"{args.config} runs {depth} (encoder.depth)"
+        )
     pipeline = FoveaPipeline(pipeline_cfg)
     runner = ActionHeadRunner(model, RunnerConfig(device=args.device))
     env = _env(args)
@@ -133,7 +139,7 @@ def _eval_over_ros(args, out: Path) -> dict:
     from fovea_vla_msgs.msg import PolicyStats
 
     env = ros_environment(None)
-    graph = node_graph(config=args.config, use_replay=False, policy=True, sim=True)
+    graph = node_graph(config=args.config, use_replay=False, policy=True, sim=True, captions=args.captions)
     width, height = args.image_size
     parameters = {
         "sim_bridge": {
@@ -223,5 +229,6 @@ def add_sim_parsers(sub) -> None:
     evaluate.add_argument("--device", default="auto", help="action head device (in process)")
     evaluate.add_argument("--videos", type=int, default=3, help="episodes recorded as video (in process)")
     evaluate.add_argument("--ros", action="store_true", help="over ROS: sim_bridge and vla_stack in separate processes")
+    evaluate.add_argument("--captions", action="store_true", help="with --ros: also run caption_node")
     evaluate.add_argument("--out", default="out/eval_sim", help="folder for summary.json and videos")
     evaluate.set_defaults(func=_cmd_eval)

@@ -51,6 +51,7 @@ def cmd_train(args) -> int:
             depth=args.depth,
             num_heads=args.heads,
             num_latents=args.latents,
+            instruction_latents=args.instruction_latents,
             chunk_size=args.chunk_size,
             epochs=args.epochs,
             batch_size=args.batch_size,
@@ -99,7 +100,8 @@ def cmd_train(args) -> int:
                 "action_space": args.action_space,
                 "encoder_architecture": architecture,
                 "step_s": 1.0 / dataset.fps,
-                "provenance": {"command": _command_line(args)},
+                # The checkpoint's spec names the architecture only; a head needs the same depth of tokens.
+                "provenance": {"command": _command_line(args), "encoder_depth": pipeline_cfg.encoder.dims()[1]},
             },
             resume=args.resume,
             on_epoch=epoch_done,
@@ -145,6 +147,9 @@ def add_train_parser(sub) -> None:
     train.add_argument("--heads", type=int, default=defaults.num_heads)
     train.add_argument(
         "--latents", type=int, default=defaults.num_latents, help="latents summarising the image tokens (0: none)"
+    )
+    train.add_argument(
+        "--instruction-latents", action="store_true", help="condition the latents' queries on the instruction"
     )
     train.add_argument("--val-fraction", type=float, default=defaults.val_fraction, help="episodes held out")
     train.add_argument("--seed", type=int, default=defaults.seed)

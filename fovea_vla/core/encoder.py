@@ -24,8 +24,9 @@ q/k/v are concatenated into ``qkv``, ``pooler``/``classifier`` are dropped), or 
 :meth:`FoveatedViT.save` (timm layout + ``level_embed`` + JSON metadata). A different checkpoint
 patch size is adapted by resampling the patch-embedding kernel with the pseudo-inverse of the
 resize (FlexiViT, Beyer et al., CVPR 2023; timm's ``resample_patch_embed``); a position grid of
-another size is resampled bicubically like timm's ``resample_abs_pos_embed``. Any other
-difference (missing or unknown keys, shapes) is refused with the key and both shapes named.
+another size is resampled bicubically like timm's ``resample_abs_pos_embed``; a model with fewer
+blocks (``EncoderConfig.depth``) keeps the checkpoint's first ones. Any other difference (missing
+or unknown keys, shapes) is refused with the key and both shapes named.
 
 On CUDA, :class:`FoveatedEncoder` casts the module to float16/bfloat16 (no autocast) and replays
 one CUDA graph per (batch, tokens) shape: at batch 1, eager PyTorch is launch-bound and costs
@@ -100,6 +101,7 @@ _OUTPUTS = ("tokens", "pre_norm")
 _FORMATS = ("auto", "timm", "hf")
 # Classifier weights a checkpoint may carry; the encoder has no head, so they are dropped.
 _TIMM_HEAD = re.compile(r"head\.(weight|bias)")
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
 _HF_HEAD = re.compile(r"(pooler\.dense|classifier)\.(weight|bias)|embeddings\.mask_token")
 
 
@@ -114,7 +116,8 @@ class EncoderConfig:
         architecture: a preset of :data:`ARCHITECTURES` (timm's dims/depth/heads, patch 16), or
             None to give ``embed_dim``, ``depth`` and ``num_heads`` explicitly.
         embed_dim: token width D; overrides the preset when set.
-        depth: number of transformer blocks; overrides the preset when set.
+        depth: number of transformer blocks; overrides the preset when set. A checkpoint with more
+            blocks loads its first ``depth`` (the others are dropped, as :class:`LoadReport` notes).
         num_heads: attention heads (must divide ``embed_dim``); overrides the preset when set.
         mlp_ratio: MLP hidden width / D (timm: ``int(D * mlp_ratio)``); None = 4.
         patch_size: P, samples per patch side; the texture stage samples (N, 3, P, P) patches.
@@ -521,7 +524,8 @@ class LoadReport:
         path: the file.
         format: "timm", "hf" or "fovea" (written by :meth:`FoveatedViT.save`).
         dropped: checkpoint keys not used (classifier heads, HF's pooler and mask token).
-        adapted: human-readable notes on resampled tensors (patch kernel, position grid).
+        adapted: human-readable notes on resampled tensors (patch kernel, position grid) and on
+            blocks left out (a model shallower than the checkpoint).
         metadata: settings the checkpoint carried (mean, std, layer_norm_eps, ...).
     """
 
@@ -788,6 +792,13 @@ def _apply_checkpoint(model: FoveatedViT, ckpt: _Checkpoint) -> LoadReport:
     if kernel is not None and kernel.ndim == 4 and kernel.shape[-1] != model.patch_size:
         state["patch_embed.proj.weight"] = resample_patch_kernel(kernel, model.patch_size)
         adapted.append(f"patch_embed.proj.weight: patch {kernel.shape[-1]} -> {model.patch_size} (pseudo-inverse)")
+    # A shallower model (encoder.depth) runs the checkpoint's first blocks: early blocks of a ViT stay
+    # close to the pixels, which a head trained on top may need more than the deep features.
+    extra = {k for k in state if (m := _BLOCK_KEY.match(k)) and int(m.group(1)) >= model.depth}
+    if extra:
+        total = 1 + max(int(_BLOCK_KEY.match(k).group(1)) for k in extra)
+        state = {k: v for k, v in state.items() if k not in extra}
+        adapted.append(f"blocks: kept the first {model.depth} of {total} (encoder.depth)")
     grid = _checkpoint_grid(ckpt, model.pos_grid)
     if grid != model.pos_grid:
         state["pos_embed"] = resample_pos_grid(state["pos_embed"], grid, model.pos_grid)
@@ -833,7 +844,8 @@ def load_checkpoint(model: FoveatedViT, path: str | os.PathLike, checkpoint_form
 
     Keys are renamed to ours (:func:`convert_state_dict`); a different patch size is resampled
     (:func:`resample_patch_kernel`) and a different position grid too (:func:`resample_pos_grid`),
-    both in float32 or wider. ``level_embed`` keeps its value when the checkpoint has none.
+    both in float32 or wider; blocks beyond the model's depth are left out. ``level_embed`` keeps
+    its value when the checkpoint has none.
     Normalisation and LayerNorm settings of the checkpoint are *not* applied to ``model``
     (they are reported in ``metadata``); :func:`build_model` applies them.
 

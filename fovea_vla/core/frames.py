@@ -36,6 +36,7 @@ __all__ = [
     "compressed_to_rgb",
     "image_to_array",
     "image_to_rgb",
+    "parse_compressed",
     "rgb_to_compressed",
     "rgb_to_gray",
     "rgb_to_image_fields",
@@ -73,16 +74,29 @@ class Frame:
         rgb: ``(H, W, 3)`` ``uint8`` RGB, C-contiguous (may be read-only).
         stamp_ns: capture time (``header.stamp``) in nanoseconds.
         frame_id: the camera's optical frame.
+        device_rgb: the same pixels as a ``(H, W, 3)`` ``uint8`` C-contiguous torch tensor on a
+            CUDA device when a GPU decoder produced the frame there (see
+            :mod:`fovea_vla.core.decode`), else None. A texture on that device uploads from it, so
+            the pixels never go device -> host -> device.
     """
 
     rgb: np.ndarray
     stamp_ns: int
     frame_id: str
+    device_rgb: object = None
 
     def __post_init__(self):
         _check_rgb(self.rgb, "Frame.rgb")
         if not self.rgb.flags.c_contiguous:
             raise ValueError("Frame.rgb must be C-contiguous")
+        device = self.device_rgb
+        if device is not None and (
+            tuple(device.shape) != self.rgb.shape or str(device.dtype) != "torch.uint8" or not device.is_contiguous()
+        ):
+            raise ValueError(
+                f"Frame.device_rgb must be a C-contiguous uint8 tensor of shape {self.rgb.shape}, "
+                f"got {device.dtype} {tuple(device.shape)}"
+            )
 
 
 class _Encoding(NamedTuple):
@@ -287,6 +301,7 @@ def image_to_rgb(
 
 
 _CODECS = {"jpeg": ".jpg", "jpg": ".jpg", "png": ".png"}
+_SIGNATURES = {".jpg": b"\xff\xd8", ".png": b"\x89PNG\r\n\x1a\n"}  # the first bytes of each file type
 
 
 def _parse_format(fmt: str) -> tuple[str, str]:
@@ -343,6 +358,41 @@ def _header_size(buf: np.ndarray) -> tuple[int, int] | None:
     return None
 
 
+def parse_compressed(data, fmt: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str, str]:
+    """Checks a ``sensor_msgs/CompressedImage`` before decoding (shared by every decoder backend).
+
+    Args:
+        data: the message's ``data`` (any type :func:`image_to_array` accepts).
+        fmt: the message's ``format`` (see :func:`compressed_to_rgb`).
+        max_pixels: largest accepted ``width * height`` in the PNG / JPEG header.
+
+    Returns:
+        ``(buf, ext, original)``: the data as a flat ``uint8`` view, the codec as a file
+        extension (``".jpg"`` or ``".png"``) and the original raw encoding named in ``fmt`` ("" if none).
+
+    Raises:
+        FrameError: ``bad_format``, ``zero_size``, ``corrupt_compressed`` (the data is not of the
+            format's codec) or ``too_large`` (from the header).
+        TypeError: ``data`` is not bytes-like.
+    """
+    ext, original = _parse_format(fmt)
+    buf = _byte_view(data)
+    if buf.size == 0:
+        raise FrameError("zero_size", f"compressed image ({fmt!r}) has no data")
+    # OpenCV decodes whatever the bytes are (WebP, TIFF, ...): a few bytes of those can claim a huge
+    # image, and only PNG and JPEG headers are size-checked here before anything is allocated.
+    if not bytes(buf[:8]).startswith(_SIGNATURES[ext]):
+        raise FrameError(
+            "corrupt_compressed", f"format {fmt!r} but the data starts with {bytes(buf[:8])!r}, not a {ext[1:]} file"
+        )
+    size = _header_size(buf)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise FrameError(
+            "too_large", f"compressed image header says {size[0]}x{size[1]}, above max_pixels={max_pixels}"
+        )
+    return buf, ext, original
+
+
 def compressed_to_rgb(data, fmt: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decodes a ``sensor_msgs/CompressedImage`` into the pipeline's RGB array.
 
@@ -361,18 +411,11 @@ def compressed_to_rgb(data, fmt: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -
 
     Raises:
         FrameError: ``bad_format`` (unknown format string, compressedDepth), ``zero_size``
-            (empty data), ``too_large``, ``corrupt_compressed`` (does not decode).
+            (empty data), ``too_large``, ``corrupt_compressed`` (not a file of the format's codec,
+            or does not decode).
         TypeError: ``data`` is not bytes-like.
     """
-    ext, original = _parse_format(fmt)
-    buf = _byte_view(data)
-    if buf.size == 0:
-        raise FrameError("zero_size", f"compressed image ({fmt!r}) has no data")
-    size = _header_size(buf)
-    if size is not None and size[0] * size[1] > max_pixels:
-        raise FrameError(
-            "too_large", f"compressed image header says {size[0]}x{size[1]}, above max_pixels={max_pixels}"
-        )
+    buf, ext, original = parse_compressed(data, fmt, max_pixels=max_pixels)
     try:
         img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:

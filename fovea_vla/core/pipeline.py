@@ -322,7 +322,7 @@ class FoveaPipeline:
         decision = self._coherence.decide(gray, now_s, is_cut=cut)
         self.decision_counts[decision.kind] += 1
         timing["coherence"] = (time.perf_counter() - t) * 1e3
-        self._update_texture(frame.rgb, decision, timing)
+        self._update_texture(self._texture_source(frame), decision, timing)
 
         # The layout samples this frame, so it is built around the capture-time positions.
         centres = np.array([(f.filtered_x, f.filtered_y) for f in fixation_set.fixations], dtype=np.float64)
@@ -389,7 +389,20 @@ class FoveaPipeline:
             cls_token=cache.cls_token,
         )
 
-    def _update_texture(self, rgb: np.ndarray, decision: TextureDecision, timing: dict[str, float]) -> None:
+    def _texture_source(self, frame: Frame):
+        """``frame.device_rgb`` when the texture takes device frames and lives on that device, else ``frame.rgb``."""
+        tensor = frame.device_rgb
+        if tensor is None or not getattr(self._texture, "accepts_device_frames", False):
+            return frame.rgb
+        import torch
+
+        device = torch.device(self._texture.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return tensor if tensor.device == device else frame.rgb
+
+    def _update_texture(self, rgb, decision: TextureDecision, timing: dict[str, float]) -> None:
+        """Upload ``rgb`` (a host array or a device tensor, see ``_texture_source``) as ``decision`` says."""
         t = time.perf_counter()
         if decision.uploads_all:
             self._texture.upload(rgb)

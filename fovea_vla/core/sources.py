@@ -169,22 +169,36 @@ def _bgr_to_rgb(image: np.ndarray) -> np.ndarray:
 
 
 class VideoSource(_Source):
-    """Frames of a video file decoded by OpenCV (``cv2.VideoCapture``).
+    """Frames of a video file decoded by OpenCV (``cv2.VideoCapture``) or a video decoder backend.
 
     ``source_time_s`` is ``index / nominal_fps``: OpenCV's per-frame positions are unreliable
     for some containers. ``num_frames`` is the container's count (which may be off by a few)
-    until a pass has reached the end, then the number of frames actually decoded.
+    until a pass has reached the end, then the number of frames actually decoded. The size, rate
+    and count always come from OpenCV.
 
     Args:
         path: video file.
+        decoder: ``"opencv"``; a :data:`~fovea_vla.core.decode.VIDEO_DECODERS` backend
+            (``"nvdec"``: the GPU's video engine, ``"ffmpeg"``); or ``"auto"``: nvdec where
+            available, else OpenCV.
 
     Raises:
         FileNotFoundError: ``path`` is not a file.
         SourceError: OpenCV cannot open it or decodes no frame.
+        ValueError, RuntimeError: an unknown or unavailable ``decoder`` (named).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, decoder: str = "opencv"):
         self.path = Path(path)
+        self._decoder = None
+        if decoder != "opencv":
+            from fovea_vla.core.decode import VIDEO_DECODERS, DecodeConfig, make_video_decoder
+
+            if decoder != "auto":
+                self._decoder, _ = make_video_decoder(DecodeConfig(video_backend=decoder))
+            elif VIDEO_DECODERS.availability("nvdec")[0]:
+                self._decoder, _ = make_video_decoder(DecodeConfig(video_backend="nvdec"))
+        self.decoder = self._decoder.name if self._decoder is not None else "opencv"
         if not self.path.is_file():
             raise FileNotFoundError(f"video {self.path} does not exist or is not a file")
         capture = self._capture()
@@ -211,7 +225,7 @@ class VideoSource(_Source):
     def name(self) -> str:
         rate = f" @ {_fps_text(self.nominal_fps)}" if self.nominal_fps else ""
         count = f", {self.num_frames} frames" if self.num_frames else ""
-        return f"video:{self.path} ({self.width}x{self.height}{rate}{count})"
+        return f"video:{self.path} ({self.width}x{self.height}{rate}{count}, {self.decoder})"
 
     def _capture(self) -> cv2.VideoCapture:
         capture = cv2.VideoCapture(str(self.path))
@@ -220,20 +234,32 @@ class VideoSource(_Source):
             raise SourceError(f"video {self.path}: OpenCV cannot open it (not a video, or no codec for it)")
         return capture
 
-    def __iter__(self) -> Iterator[SourceFrame]:
-        self._check_open()
+    def _images(self) -> Iterator[np.ndarray]:
+        """RGB frames of one pass."""
+        if self._decoder is not None:
+            try:
+                for image in self._decoder.iter_file(str(self.path)):
+                    yield image.rgb.copy()  # GPU decoders reuse their pinned host buffers
+            except FrameError as exc:
+                raise SourceError(f"video {self.path}: {self.decoder}: {exc}") from exc
+            return
         capture = self._capture()
-        index = 0
         try:
             while True:
                 ok, image = capture.read()
                 if not ok or image is None:
                     break
-                time_s = index / self.nominal_fps if self.nominal_fps else None
-                yield SourceFrame(_bgr_to_rgb(image), index, time_s)
-                index += 1
+                yield _bgr_to_rgb(image)
         finally:
             capture.release()
+
+    def __iter__(self) -> Iterator[SourceFrame]:
+        self._check_open()
+        index = 0
+        for rgb in self._images():
+            time_s = index / self.nominal_fps if self.nominal_fps else None
+            yield SourceFrame(rgb, index, time_s)
+            index += 1
         if index == 0:
             raise SourceError(f"video {self.path}: decoded no frame")
         self._decoded_frames = index
@@ -420,6 +446,7 @@ def open_source(
     *,
     synthetic: SyntheticSceneConfig | None = None,
     bag_topic: str | None = None,
+    video_decoder: str = "opencv",
 ) -> FrameSource:
     """Opens the frame source a user named.
 
@@ -429,6 +456,7 @@ def open_source(
             opened as a video.
         synthetic: scene for ``"synthetic"`` (defaults when None); the source is endless.
         bag_topic: image topic of a bag (None: the first); ignored by other sources.
+        video_decoder: decoder of video files (see :class:`VideoSource`); ignored by other sources.
 
     Raises:
         FileNotFoundError: ``spec`` is neither ``"synthetic"`` nor an existing path.
@@ -454,7 +482,7 @@ def open_source(
         return ImageFolderSource(path)
     if path.suffix.lower() in BAG_SUFFIXES:
         return BagSource(path, bag_topic)
-    return VideoSource(path)
+    return VideoSource(path, video_decoder)
 
 
 def write_image_bag(

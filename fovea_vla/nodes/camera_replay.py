@@ -1,6 +1,7 @@
 """camera_replay: publishes frames from a video, an image folder, a rosbag2 bag or the built-in
-synthetic scene as a camera would: ``image`` and/or ``image/compressed`` plus ``camera_info``,
-stamped with the time each frame is published (its capture time, as far as the graph knows).
+synthetic scene as a camera would: ``image`` and/or ``image/compressed``, or ``image/video``
+(fovea_vla_msgs/CompressedVideo, H.264 / H.265 packets), plus ``camera_info``, stamped with the
+time each frame is published (its capture time, as far as the graph knows).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from std_msgs.msg import Header
 from fovea_vla.core.frames import rgb_to_compressed
 from fovea_vla.core.sources import open_source
 from fovea_vla.core.synthetic import SyntheticSceneConfig
+from fovea_vla.core.video_stream import VideoEncoder, VideoEncoderConfig
 from fovea_vla.nodes import qos
 from fovea_vla.nodes.messages import image_msg
 from fovea_vla.nodes.params import ParamSpec, declare_all
 from fovea_vla.nodes.runner import run_node
+from fovea_vla_msgs.msg import CompressedVideo
 
 PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec(
@@ -37,8 +40,25 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("max_frames", 0, "Stop after this many frames; 0 = no limit.", range=(0, 2**31 - 1)),
     ParamSpec("frame_id", "camera_optical_frame", "frame_id of the published images and CameraInfo."),
     ParamSpec(
-        "transport", "raw", "Publish `image` (raw), `image/compressed`, or both.", choices=("raw", "compressed", "both")
+        "transport",
+        "raw",
+        "Publish `image` (raw), `image/compressed`, both, or `image/video` (CompressedVideo packets).",
+        choices=("raw", "compressed", "both", "video"),
     ),
+    ParamSpec(
+        "video_decoder",
+        "auto",
+        "Decoder of video-file sources: nvdec (GPU), ffmpeg or opencv (CPU); auto = nvdec if available, else opencv.",
+        choices=("auto", "nvdec", "ffmpeg", "opencv"),
+    ),
+    ParamSpec("video.format", "h264", "Codec of `image/video`.", choices=("h264", "h265")),
+    ParamSpec(
+        "video.keyframe_interval",
+        30,
+        "Frames between keyframes of `image/video` (a late subscriber waits for one).",
+        range=(1, 3600),
+    ),
+    ParamSpec("video.crf", 23, "Constant-rate-factor quality of `image/video` (0 = lossless).", range=(0, 51)),
     ParamSpec("encoding", "rgb8", "Encoding of raw images.", choices=("rgb8", "bgr8", "rgba8", "bgra8", "mono8")),
     ParamSpec("compressed_format", "jpeg", "Format of compressed images.", choices=("jpeg", "png")),
     ParamSpec("jpeg_quality", 90, "JPEG quality of compressed images.", range=(1, 100)),
@@ -93,14 +113,30 @@ class CameraReplay(Node):
             scene_cut_every_s=p["synthetic.scene_cut_every_s"],
             seed=p["synthetic.seed"],
         )
-        self.source = open_source(p["source"], synthetic=synthetic, bag_topic=p["bag_topic"] or None)
+        self.source = open_source(
+            p["source"], synthetic=synthetic, bag_topic=p["bag_topic"] or None, video_decoder=p["video_decoder"]
+        )
         rate = p["rate_hz"] or self.source.nominal_fps or 30.0
         self.get_logger().info(f"replaying {self.source.name} at {rate:.1f} Hz ({p['transport']})")
         sensor = qos.sensor("reliable", 5)
-        self.pub_image = self.create_publisher(Image, "image", sensor) if p["transport"] != "compressed" else None
+        transport = p["transport"]
+        self.pub_image = self.create_publisher(Image, "image", sensor) if transport in ("raw", "both") else None
         self.pub_compressed = (
-            self.create_publisher(CompressedImage, "image/compressed", sensor) if p["transport"] != "raw" else None
+            self.create_publisher(CompressedImage, "image/compressed", sensor)
+            if transport in ("compressed", "both")
+            else None
         )
+        self.pub_video = self.encoder = None
+        if transport == "video":
+            self.pub_video = self.create_publisher(CompressedVideo, "image/video", sensor)
+            self.encoder = VideoEncoder(
+                VideoEncoderConfig(
+                    format=p["video.format"],
+                    fps=rate,
+                    keyframe_interval=p["video.keyframe_interval"],
+                    crf=p["video.crf"],
+                )
+            )
         self.pub_info = self.create_publisher(CameraInfo, "camera_info", sensor)
         self.published = 0
         self._frames = iter(self.source)
@@ -133,6 +169,11 @@ class CameraReplay(Node):
         if self.pub_compressed is not None:
             data = rgb_to_compressed(rgb, p["compressed_format"], quality=p["jpeg_quality"])
             self.pub_compressed.publish(CompressedImage(header=header, format=p["compressed_format"], data=data))
+        if self.pub_video is not None:
+            packet = self.encoder.encode(rgb)
+            self.pub_video.publish(
+                CompressedVideo(timestamp=header.stamp, frame_id=header.frame_id, data=packet, format=p["video.format"])
+            )
         self.pub_info.publish(camera_info(rgb.shape[1], rgb.shape[0], p["fov_deg"], header))
         self.published += 1
 

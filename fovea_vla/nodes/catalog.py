@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fovea_vla.nodes import camera_replay, fovea_node, policy_node, sim_bridge
+from fovea_vla.nodes import camera_replay, caption_node, fovea_node, policy_node, sim_bridge
 from fovea_vla.nodes.params import ParamSpec, format_yaml
 
 __all__ = ["NODE_PARAMS", "default_parameter_file"]
@@ -12,6 +12,7 @@ NODE_PARAMS: dict[str, tuple[ParamSpec, ...]] = {
     "policy_node": policy_node.PARAMS,
     "camera_replay": camera_replay.PARAMS,
     "sim_bridge": sim_bridge.PARAMS,
+    "caption_node": caption_node.PARAMS,
 }
 
 _HEADER = """\

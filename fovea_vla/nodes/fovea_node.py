@@ -9,7 +9,9 @@ stamped with the capture stamp and frame_id of the frame it came from. Services
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -17,18 +19,21 @@ import cv2
 import numpy as np
 from geometry_msgs.msg import PointStamped
 from rclpy.node import Node
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image, JointState
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, JointState, RegionOfInterest
 from std_msgs.msg import Bool, Header, String
 from visualization_msgs.msg import MarkerArray
 
 from fovea_vla.bringup import resolve_package_path
+from fovea_vla.core.caption.view import ViewConfig, compose_view
 from fovea_vla.core.coherence import CoherenceConfig
+from fovea_vla.core.decode import DecodeConfig, make_image_decoder, make_video_decoder
 from fovea_vla.core.encoder import ARCHITECTURES, EncoderConfig
 from fovea_vla.core.fixation import FixationConfig
 from fovea_vla.core.flow import FlowConfig
 from fovea_vla.core.flow.motion import MotionConfig
 from fovea_vla.core.foveation import AdaptiveBudgetConfig, FoveationConfig
 from fovea_vla.core.frames import FrameError
+from fovea_vla.core.handoff import NewestQueue
 from fovea_vla.core.overlay import draw_overlay
 from fovea_vla.core.pipeline import FoveaPipeline, PipelineConfig, PipelineOutput
 from fovea_vla.core.policy.observation import TokenFrame, token_positions
@@ -40,11 +45,14 @@ from fovea_vla.nodes import qos
 from fovea_vla.nodes.markers import MarkerBuilder, delete_all
 from fovea_vla.nodes.messages import (
     CameraModel,
+    MessageError,
     fixation_array_msg,
     fixation_msg,
     frame_from_compressed,
     frame_from_image,
+    frames_from_video,
     image_msg,
+    joint_positions,
     ns_to_stamp,
     slip_msg,
     stage_latencies,
@@ -53,6 +61,8 @@ from fovea_vla.nodes.params import ConfigError, ParamSpec, declare_all
 from fovea_vla.nodes.runner import run_node
 from fovea_vla_msgs.msg import (
     BackendChoice,
+    CaptionView,
+    CompressedVideo,
     DropCount,
     Fixation,
     FixationArray,
@@ -65,8 +75,27 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec(
         "image_transport",
         "raw",
-        "Which camera topic to subscribe: `image` (raw) or `image/compressed`.",
-        choices=("raw", "compressed"),
+        "Which camera topic to subscribe: `image` (raw), `image/compressed` (JPEG / PNG) or `image/video` "
+        "(fovea_vla_msgs/CompressedVideo: H.264 / H.265 packets).",
+        choices=("raw", "compressed", "video"),
+    ),
+    ParamSpec(
+        "decode.backend",
+        "auto",
+        "Decoder of `image` and `image/compressed`: nvjpeg (JPEG on the GPU, raw frames through one pinned copy) "
+        "or opencv (CPU); `auto` picks the best available.",
+        choices=("auto", "nvjpeg", "opencv"),
+    ),
+    ParamSpec(
+        "decode.video_backend",
+        "auto",
+        "Decoder of `image/video`: nvdec (the GPU's video engine) or ffmpeg (CPU); `auto` picks the best available.",
+        choices=("auto", "nvdec", "ffmpeg"),
+    ),
+    ParamSpec(
+        "decode.device",
+        "auto",
+        "Device of the GPU decoders: auto (the texture's device, so frames go to it without a copy), cpu or cuda[:N].",
     ),
     ParamSpec(
         "sensor_qos.reliability", "best_effort", "Reliability of the camera subscriptions.", choices=qos.RELIABILITIES
@@ -198,6 +227,12 @@ PARAMS: tuple[ParamSpec, ...] = (
         "vit_base_patch16",
         "ViT size (timm dims); a checkpoint must match it.",
         choices=tuple(ARCHITECTURES),
+    ),
+    ParamSpec(
+        "encoder.depth",
+        0,
+        "Transformer blocks run (a checkpoint with more keeps its first ones); 0 = the architecture's own.",
+        range=(0, 64),
     ),
     ParamSpec(
         "encoder.checkpoint",
@@ -366,6 +401,22 @@ PARAMS: tuple[ParamSpec, ...] = (
         "markers.flow_spacing_px", 48, "Spacing of flow arrows in markers and debug image [px].", range=(4, 1024)
     ),
     ParamSpec("markers.show_patches", True, "Draw every foveated patch footprint."),
+    ParamSpec(
+        "caption_view.rate_hz",
+        2.0,
+        "Rate of `caption_view` (fovea crop + periphery for caption_node), only while subscribed; 0 = off [Hz].",
+        range=(0.0, 30.0),
+    ),
+    ParamSpec(
+        "caption_view.fovea_fraction",
+        0.4,
+        "Side of the caption view's fovea crop as a fraction of the image's shorter side.",
+        range=(0.05, 1.0),
+    ),
+    ParamSpec("caption_view.fovea_size", 384, "Side of the caption view's fovea image [px].", range=(16, 4096)),
+    ParamSpec(
+        "caption_view.periphery_size", 384, "Longest side of the caption view's periphery image [px].", range=(16, 4096)
+    ),
 )
 
 
@@ -384,6 +435,23 @@ _DECISIONS = {
     "cut": PipelineStats.DECISION_CUT,
     "refresh": PipelineStats.DECISION_REFRESH,
 }
+
+
+def decode_config(values: dict, texture_device: str) -> DecodeConfig:
+    """The decode stage's core configuration from the ROS parameters (``decode.device: auto`` = the texture's device).
+
+    Raises:
+        ConfigError: a value the core refuses (the message names the parameter).
+    """
+    try:
+        return DecodeConfig(
+            backend=values["decode.backend"],
+            video_backend=values["decode.video_backend"],
+            device=texture_device if values["decode.device"] == "auto" else values["decode.device"],
+            max_pixels=values["max_image_pixels"],
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def pipeline_config(values: dict) -> PipelineConfig:
@@ -435,6 +503,7 @@ def pipeline_config(values: dict) -> PipelineConfig:
             ),
             encoder=EncoderConfig(
                 architecture=values["encoder.architecture"],
+                depth=values["encoder.depth"] or None,
                 checkpoint=resolve_package_path(values["encoder.checkpoint"]) or None,
                 checkpoint_format=values["encoder.checkpoint_format"],
                 dtype=values["encoder.dtype"],
@@ -470,22 +539,36 @@ class FoveaNode(Node):
     Args:
         token_sink: called with a :class:`TokenFrame` after every frame that has tokens (the
             in-process hand-off to the policy; see ``vla_stack``).
+        frame_thread: process frames on the node's own thread (the camera callback only hands the
+            message over, so the executor stays free and never polls a busy callback);
+            False processes them inside the callback (deterministic, for tests).
         kwargs: passed to ``rclpy.node.Node``.
     """
 
     NODE_NAME = "fovea_node"
 
-    def __init__(self, token_sink: Callable[[TokenFrame], None] | None = None, **kwargs):
+    def __init__(self, token_sink: Callable[[TokenFrame], None] | None = None, frame_thread: bool = True, **kwargs):
         super().__init__(self.NODE_NAME, **kwargs)
         self._token_sink = token_sink
+        # Serialises the pipeline between the frame thread and the callbacks that steer it.
+        self._pipeline_lock = threading.Lock()
+        self._inbox: NewestQueue[tuple[Callable[[], list], int]] = NewestQueue()
+        self._frame_thread: threading.Thread | None = None
         self._instruction_listeners: list[Callable[[str], None]] = []
         try:
             self.params = declare_all(self, PARAMS)
             cfg = pipeline_config(self.params)
             self.pipeline = FoveaPipeline(cfg)
+            decode_cfg = decode_config(self.params, self.pipeline.device)
+            # Only the decoder of the subscribed topic is made: the other's libraries need not be present.
+            if self.params["image_transport"] == "video":
+                self.decoder, decode_choice = make_video_decoder(decode_cfg)
+            else:
+                self.decoder, decode_choice = make_image_decoder(decode_cfg)
         except (ValueError, RuntimeError) as exc:
             raise ConfigError(f"fovea_node: invalid configuration: {exc}") from exc
-        for stage, choice in self.pipeline.backends.items():
+        self.backends = {"decode": decode_choice, **self.pipeline.backends}
+        for stage, choice in self.backends.items():
             self.get_logger().info(f"{stage} backend: {choice.name} ({choice.reason})")
 
         p = self.params
@@ -508,11 +591,16 @@ class FoveaNode(Node):
         self._markers_cleared = False
 
         sensor_qos = qos.sensor(p["sensor_qos.reliability"], p["sensor_qos.depth"])
-        if p["image_transport"] == "compressed":
-            self.create_subscription(CompressedImage, "image/compressed", self._on_compressed, sensor_qos)
+        # As deep as the camera subscription: a reliable deep queue asks for every frame, depth 1 for the newest.
+        self._inbox = NewestQueue(p["sensor_qos.depth"])
+        camera_topic = {"raw": "image", "compressed": "image/compressed", "video": "image/video"}[p["image_transport"]]
+        if p["image_transport"] == "video":
+            self.create_subscription(CompressedVideo, camera_topic, self._on_video, sensor_qos)
+        elif p["image_transport"] == "compressed":
+            self.create_subscription(CompressedImage, camera_topic, self._on_compressed, sensor_qos)
         else:
-            self.create_subscription(Image, "image", self._on_image, sensor_qos)
-        self.create_subscription(CameraInfo, "camera_info", self.camera.update, sensor_qos)
+            self.create_subscription(Image, camera_topic, self._on_image, sensor_qos)
+        self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, sensor_qos)
         self.create_subscription(PointStamped, "clicked_point", self._on_clicked_point, qos.outputs())
         self.create_subscription(String, "instruction", self._on_instruction, qos.outputs())
         self.gripper_closed = False
@@ -529,47 +617,88 @@ class FoveaNode(Node):
         self.pub_debug = self.create_publisher(Image, "debug_image", qos.sensor("reliable", 2))
         self.pub_stats = self.create_publisher(PipelineStats, "stats", out)
         self.pub_slip = self.create_publisher(SlipEvent, "slip", out)
+        self.pub_caption_view = self.create_publisher(CaptionView, "caption_view", qos.sensor("reliable", 1))
+        self.caption_view_cfg = ViewConfig(
+            fovea_fraction=p["caption_view.fovea_fraction"],
+            fovea_size=p["caption_view.fovea_size"],
+            periphery_size=p["caption_view.periphery_size"],
+        )
+        self._last_caption_view_s = -1e9
         self.create_service(SetFixation, "set_fixation", self._on_set_fixation)
         self.create_service(SetInstruction, "set_instruction", self._on_set_instruction)
         self._last_size: tuple[int, int] | None = None
         self._last_frame_id = ""
-        self.get_logger().info(
-            f"listening on {self.resolve_topic_name('image' if p['image_transport'] == 'raw' else 'image/compressed')}"
-        )
+        self.get_logger().info(f"listening on {self.resolve_topic_name(camera_topic)}")
+        if frame_thread:
+            self._frame_thread = threading.Thread(target=self._frame_loop, name="fovea_frames", daemon=True)
+            self._frame_thread.start()
 
     # -- inputs -----------------------------------------------------------------------------
     def _on_image(self, msg: Image) -> None:
-        self._handle(msg, frame_from_image)
+        self._handle(lambda: [frame_from_image(msg, self.decoder)])
 
     def _on_compressed(self, msg: CompressedImage) -> None:
-        self._handle(msg, frame_from_compressed)
+        self._handle(lambda: [frame_from_compressed(msg, self.decoder)])
 
-    def _handle(self, msg, decode) -> None:
+    def _on_video(self, msg: CompressedVideo) -> None:
+        self._handle(lambda: frames_from_video(msg, self.decoder))
+
+    def _handle(self, decode: Callable[[], list]) -> None:
+        """Take one camera message (``decode`` returns the frames it completes): queue it for the frame
+        thread (``sensor_qos.depth`` deep; a full queue drops its oldest, counted as ``superseded``),
+        or process it now without a frame thread."""
         arrival_ns = self.get_clock().now().nanoseconds
         self.frames_received += 1
         self.input_rate.tick(time.monotonic())
+        if self._frame_thread is None:
+            self._decode_and_process(decode, arrival_ns)
+        elif self._inbox.put((decode, arrival_ns)):
+            self._drop("superseded", "a newer frame arrived before the previous one was processed")
+
+    def _frame_loop(self) -> None:
+        while not self._inbox.closed:
+            item = self._inbox.take(timeout_s=0.5)
+            if item is None:
+                continue
+            try:
+                self._decode_and_process(*item)
+            except Exception as exc:  # e.g. publishing while the context shuts down; the thread must live on
+                if not self._inbox.closed:
+                    self._drop("node_error", f"{type(exc).__name__}: {exc}")
+
+    def _decode_and_process(self, decode: Callable[[], list], arrival_ns: int) -> None:
         t0 = time.perf_counter()
         try:
-            frame = decode(msg, max_pixels=self.params["max_image_pixels"])
+            frames = decode()
         except FrameError as exc:
             self._drop(exc.reason, str(exc))
             return
         decode_ms = (time.perf_counter() - t0) * 1e3
+        for frame in frames:
+            self._process(frame, arrival_ns, decode_ms)
+
+    def _process(self, frame, arrival_ns: int, decode_ms: float) -> None:
         age_ms = (arrival_ns - frame.stamp_ns) * 1e-6
         limit = self.params["max_frame_age_ms"]
         if limit > 0 and age_ms > limit:
             self._drop("stale", f"frame is {age_ms:.0f} ms old (max_frame_age_ms={limit:.0f})")
             return
+        if limit > 0 and -age_ms > limit:
+            # A stamp from the future (a wrong camera clock) would pass for fresh until that time comes.
+            self._drop("future_stamp", f"frame is stamped {-age_ms:.0f} ms ahead (max_frame_age_ms={limit:.0f})")
+            return
         if not frame.frame_id:
-            frame = type(frame)(rgb=frame.rgb, stamp_ns=frame.stamp_ns, frame_id="camera")
+            frame = dataclasses.replace(frame, frame_id="camera")
         if self._last_frame_id and frame.frame_id != self._last_frame_id:
             self.get_logger().info(f"camera changed ({self._last_frame_id} -> {frame.frame_id}): pipeline reset")
-            self.pipeline.reset()
+            with self._pipeline_lock:
+                self.pipeline.reset()
         fx = self.camera.intrinsics(frame.rgb.shape[1], frame.rgb.shape[0])[0] if self.camera.known else None
         try:
-            output = self.pipeline.process(
-                frame, focal_px=fx, grasp=self._grasp(frame.rgb.shape[1], frame.rgb.shape[0])
-            )
+            with self._pipeline_lock:
+                output = self.pipeline.process(
+                    frame, focal_px=fx, grasp=self._grasp(frame.rgb.shape[1], frame.rgb.shape[0])
+                )
         except Exception as exc:  # a backend failure on one frame must not take the node down
             self._drop("pipeline_error", f"{type(exc).__name__}: {exc}")
             return
@@ -590,13 +719,14 @@ class FoveaNode(Node):
                 )
             )
 
-    def _drop(self, reason: str, detail: str) -> None:
+    def _drop(self, reason: str, detail: str, what: str = "frame") -> None:
         self.drops.add(reason)
-        self.get_logger().warning(f"dropped frame ({reason}): {detail}", throttle_duration_sec=2.0)
+        self.get_logger().warning(f"dropped {what} ({reason}): {detail}", throttle_duration_sec=2.0)
 
     def _on_set_fixation(self, request: SetFixation.Request, response: SetFixation.Response):
         if request.clear:
-            self.pipeline.clear_external_fixation()
+            with self._pipeline_lock:
+                self.pipeline.clear_external_fixation()
             response.success, response.message = True, "external fixation cleared"
             return response
         x, y = float(request.x), float(request.y)
@@ -609,7 +739,8 @@ class FoveaNode(Node):
                 return response
             # As Fixation.u / v define them: u = x / image_width.
             x, y = x * self._last_size[0], y * self._last_size[1]
-        self.pipeline.set_external_fixation(x, y, float(request.hold_s) if request.hold_s > 0 else None)
+        with self._pipeline_lock:
+            self.pipeline.set_external_fixation(x, y, float(request.hold_s) if request.hold_s > 0 else None)
         response.success, response.message = True, f"fixation set to ({x:.1f}, {y:.1f}) px"
         return response
 
@@ -628,14 +759,23 @@ class FoveaNode(Node):
         if pixel is None or not np.isfinite(pixel).all():
             self.get_logger().warning("clicked_point is behind the camera or not finite (expects the optical frame)")
             return
-        self.pipeline.set_external_fixation(*pixel)
+        with self._pipeline_lock:
+            self.pipeline.set_external_fixation(*pixel)
+
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        problem = self.camera.update(msg)
+        if problem is not None:
+            self._drop(f"camera_info_{problem.reason}", str(problem), "camera_info")
 
     def _on_joint_states(self, msg: JointState) -> None:
+        try:
+            positions = joint_positions(msg)
+        except MessageError as exc:
+            self._drop(f"gripper_joint_states_{exc.reason}", str(exc), "gripper_joint_states")
+            return
         joint = self.params["slip.gripper_joint"]
-        if joint and joint in msg.name:
-            position = msg.position[list(msg.name).index(joint)] if len(msg.position) == len(msg.name) else None
-            if position is not None and np.isfinite(position):
-                self.gripper_closed = bool(position > self.params["slip.closed_above"])
+        if joint and joint in positions:
+            self.gripper_closed = positions[joint] > self.params["slip.closed_above"]
 
     def _on_gripper_closed(self, msg: Bool) -> None:
         self.gripper_closed = bool(msg.data)
@@ -680,12 +820,20 @@ class FoveaNode(Node):
     def _set_instruction(self, text: str) -> None:
         changed = text != self.instruction
         if changed:
-            self.pipeline.notify_instruction_change()
+            with self._pipeline_lock:
+                self.pipeline.notify_instruction_change()
         self.instruction = text
         self.get_logger().info(f"instruction: {text!r}")
         if changed:
             for listener in self._instruction_listeners:
                 listener(text)
+
+    def destroy_node(self):
+        """Stop the frame thread (it finishes the frame in hand) before the node's entities go."""
+        self._inbox.close()
+        if self._frame_thread is not None:
+            self._frame_thread.join(timeout=5.0)
+        return super().destroy_node()
 
     # -- outputs ----------------------------------------------------------------------------
     def _publish(self, output: PipelineOutput, age_ms: float, focal_px: float | None) -> None:
@@ -699,9 +847,31 @@ class FoveaNode(Node):
             self._markers_cleared = True
         self.pub_markers.publish(self.markers.build(output, header))
         self._publish_debug(output, header)
+        self._publish_caption_view(output, header, focal_px)
         self.pub_stats.publish(self._stats(output, header, age_ms))
         if output.slip is not None:
             self.pub_slip.publish(slip_msg(output.slip, header))
+
+    def _publish_caption_view(self, output: PipelineOutput, header: Header, focal_px: float | None) -> None:
+        rate = self.params["caption_view.rate_hz"]
+        if rate <= 0 or self.pub_caption_view.get_subscription_count() == 0:
+            return
+        now = time.monotonic()
+        if now - self._last_caption_view_s < 1.0 / rate:
+            return
+        self._last_caption_view_s = now
+        view = compose_view(output.rgb, (output.fixation.x, output.fixation.y), self.caption_view_cfg)
+        x, y, w, h = view.region
+        self.pub_caption_view.publish(
+            CaptionView(
+                header=header,
+                fixation=fixation_msg(output.fixation, output, header, focal_px),
+                fovea=image_msg(view.fovea, header),
+                fovea_region=RegionOfInterest(x_offset=x, y_offset=y, width=w, height=h),
+                periphery=image_msg(view.periphery, header),
+                instruction=self.instruction,
+            )
+        )
 
     def _publish_debug(self, output: PipelineOutput, header: Header) -> None:
         p = self.params
@@ -746,9 +916,7 @@ class FoveaNode(Node):
             frames_reused=self.pipeline.frames_reused,
             token_age_ms=(output.stamp_ns - output.tokens_stamp_ns) * 1e-6,
             stages=stages,
-            backends=[
-                BackendChoice(stage=s, backend=c.name, reason=c.reason) for s, c in self.pipeline.backends.items()
-            ],
+            backends=[BackendChoice(stage=s, backend=c.name, reason=c.reason) for s, c in self.backends.items()],
             input_rate_hz=float(self.input_rate.rate_hz()),
             frame_age_ms=float(age_ms),
         )

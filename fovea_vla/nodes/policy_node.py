@@ -44,10 +44,10 @@ from fovea_vla.core.policy.spaces import (
     space_names,
     unwrap_angles,
 )
-from fovea_vla.core.policy.text import SentenceEncoder, TextEncoderConfig
-from fovea_vla.core.stats import LatencyTracker, RateMeter
+from fovea_vla.core.policy.text import TextEncoderConfig, load_text_encoder
+from fovea_vla.core.stats import DropCounter, LatencyTracker, RateMeter
 from fovea_vla.nodes import qos
-from fovea_vla.nodes.messages import ns_to_stamp, stage_latencies, stamp_to_ns
+from fovea_vla.nodes.messages import MessageError, joint_positions, ns_to_stamp, stage_latencies, stamp_to_ns
 from fovea_vla.nodes.params import ConfigError, ParamSpec, declare_all
 from fovea_vla_msgs.msg import ActionChunk, DropCount, PolicyStats
 
@@ -63,7 +63,12 @@ PARAMS: tuple[ParamSpec, ...] = (
         "",
         "Policy checkpoint folder (config.json + model.safetensors; a path or package://<package>/<path>); required.",
     ),
-    ParamSpec("policy.rate_hz", 10.0, "How often the action head runs on the newest tokens [Hz].", range=(0.1, 1000.0)),
+    ParamSpec(
+        "policy.rate_hz",
+        10.0,
+        "Most action-head runs per second; it runs on each new frame's tokens, at most this often [Hz].",
+        range=(0.1, 1000.0),
+    ),
     ParamSpec("policy.device", "auto", "Torch device of the action head: auto, cpu or cuda[:N]."),
     ParamSpec(
         "policy.dtype",
@@ -72,7 +77,12 @@ PARAMS: tuple[ParamSpec, ...] = (
         choices=("auto", "float32", "float16", "bfloat16"),
     ),
     ParamSpec("policy.cuda_graphs", True, "Replay a CUDA graph per token count (CUDA only)."),
-    ParamSpec("text_encoder.path", "", "Sentence-embedding model folder; empty = the bundled all-MiniLM-L6-v2."),
+    ParamSpec(
+        "text_encoder.path",
+        "",
+        "Sentence-embedding model folder, or a .json table of precomputed instruction embeddings "
+        "(`fovea-vla policy embed`); empty = the bundled all-MiniLM-L6-v2.",
+    ),
     ParamSpec("text_encoder.device", "cpu", "Torch device of the instruction embedding."),
     ParamSpec(
         "action_space",
@@ -325,6 +335,7 @@ class PolicyNode(Node):
         self._lock = threading.Lock()
         self._reanchor = False  # set when commands are switched on: start from the measured state
         self.policy_errors = 0
+        self.input_drops = DropCounter()  # refused joint_states / ee_pose messages, "<topic>_<reason>"
         self._stats_header = Header()  # the newest chunk's source stamp and camera frame
         self.add_on_set_parameters_callback(self._on_set_parameters)
         # The control tick and the e-stop share one group: a tick never publishes after the e-stop's hold.
@@ -357,11 +368,14 @@ class PolicyNode(Node):
             f"commands on {', '.join(active) or 'nothing'}; "
             + ("actions ENABLED" if p["enable_actions"] else "dry run (enable_actions=false): no commands are sent")
         )
-        # Inference and control on separate groups: a slow chunk never delays a control tick.
-        self.create_timer(1.0 / p["policy.rate_hz"], self._policy_step, MutuallyExclusiveCallbackGroup())
         self.create_timer(1.0 / p["control_rate_hz"], self._control_tick, control_group)
         # Health even while no chunk comes (a dead camera): stats at 2 Hz as well as per chunk.
         self.create_timer(0.5, self._publish_stats, control_group)
+        # Inference on its own thread, woken by new tokens: a slow chunk never delays a control tick,
+        # and the executor only runs short callbacks (it busy-polls ones still running).
+        self._stopping = threading.Event()
+        self._policy_thread = threading.Thread(target=self._policy_loop, name="policy", daemon=True)
+        self._policy_thread.start()
 
     # -- configuration ---------------------------------------------------------------------
     def _configure(self, encoder_architecture: str | None, token_dim: int) -> None:
@@ -383,7 +397,9 @@ class PolicyNode(Node):
         )
         try:
             model, self.spec = load_policy(resolve_package_path(p["policy.checkpoint"]))
-            self.text = SentenceEncoder(TextEncoderConfig(path=p["text_encoder.path"], device=p["text_encoder.device"]))
+            self.text = load_text_encoder(
+                TextEncoderConfig(path=p["text_encoder.path"], device=p["text_encoder.device"])
+            )
             self.spec.check_compatible(
                 encoder_architecture=encoder_architecture,
                 token_dim=token_dim,
@@ -455,16 +471,31 @@ class PolicyNode(Node):
         self.latency.add("text", (time.perf_counter() - start) * 1e3)
         self.instruction = text
 
+    def _drop_input(self, topic: str, reason: str, detail: str) -> None:
+        self.input_drops.add(f"{topic}_{reason}")
+        self.get_logger().warning(f"{topic} ignored ({reason}): {detail}", throttle_duration_sec=5.0)
+
+    def _state_stamp(self, topic: str, header: Header) -> int | None:
+        """The message's capture stamp [ns] (now if unset), or None (counted) when it lies in the future."""
+        now = self.get_clock().now().nanoseconds
+        stamp = stamp_to_ns(header.stamp) or now
+        limit_ms = self.params["max_observation_age_ms"]
+        # The watchdog keeps the newest stamp: one from the future would hold it at "future_state" until then.
+        if (stamp - now) * 1e-6 > limit_ms:
+            self._drop_input(topic, "future_stamp", f"stamped {(stamp - now) * 1e-6:.0f} ms ahead (max {limit_ms:.0f})")
+            return None
+        return stamp
+
     def _on_joint_states(self, msg: JointState) -> None:
-        if len(msg.position) != len(msg.name):
-            self.get_logger().warning("joint_states without one position per name: ignored", throttle_duration_sec=5.0)
+        try:
+            positions = joint_positions(msg)
+        except MessageError as exc:
+            self._drop_input("joint_states", exc.reason, str(exc))
             return
-        positions = dict(zip(msg.name, msg.position, strict=True))
-        if not all(math.isfinite(v) for v in positions.values()):
-            self.get_logger().warning("joint_states with NaN or inf: ignored", throttle_duration_sec=5.0)
+        stamp = self._state_stamp("joint_states", msg.header)
+        if stamp is None:
             return
         self.joint_positions.update(positions)
-        stamp = stamp_to_ns(msg.header.stamp) or self.get_clock().now().nanoseconds
         # Only a message with every arm joint refreshes the arm state (a gripper-only one does not).
         if self.layout.action_space == "joint_position" and all(j in positions for j in self.layout.joint_names):
             self._state_observed(stamp)
@@ -472,17 +503,22 @@ class PolicyNode(Node):
     def _on_ee_pose(self, msg: PoseStamped) -> None:
         frame = self.params["base_frame"]
         if msg.header.frame_id and msg.header.frame_id != frame:
-            self.get_logger().warning(
-                f"ee_pose in {msg.header.frame_id!r}, expected base_frame {frame!r}: ignored", throttle_duration_sec=5.0
-            )
+            self._drop_input("ee_pose", "wrong_frame", f"in {msg.header.frame_id!r}, expected base_frame {frame!r}")
             return
         o, q = msg.pose.position, msg.pose.orientation
         values = np.array([o.x, o.y, o.z, q.x, q.y, q.z, q.w], dtype=np.float64)
-        if not np.isfinite(values).all() or np.linalg.norm(values[3:]) < 1e-9:
-            self.get_logger().warning("ee_pose with NaN, inf or a zero quaternion: ignored", throttle_duration_sec=5.0)
+        if not np.isfinite(values).all():
+            self._drop_input("ee_pose", "not_finite", f"pose {values.tolist()} has NaN or inf")
+            return
+        norm2 = sum(v * v for v in values[3:].tolist())  # Python floats: inf on overflow, without a warning
+        if abs(norm2 - 1.0) > 0.01:  # tf2's tolerance for a denormalised quaternion
+            self._drop_input("ee_pose", "bad_quaternion", f"orientation quaternion of squared norm {norm2:g}, not 1")
+            return
+        stamp = self._state_stamp("ee_pose", msg.header)
+        if stamp is None:
             return
         self.ee_state = np.concatenate([values[:3], quaternion_to_rpy(*values[3:])])
-        self._state_observed(stamp_to_ns(msg.header.stamp) or self.get_clock().now().nanoseconds)
+        self._state_observed(stamp)
 
     def _state_observed(self, stamp_ns: int) -> None:
         with self._lock:
@@ -526,6 +562,27 @@ class PolicyNode(Node):
         return response
 
     # -- policy ----------------------------------------------------------------------------
+    def _policy_loop(self) -> None:
+        """Run the head on each new frame's tokens, at most ``policy.rate_hz`` times a second."""
+        period_s = 1.0 / self.params["policy.rate_hz"]
+        seen, next_s = 0, 0.0
+        while not self._stopping.is_set():
+            published = self.tokens.wait_for_new(seen, timeout_s=0.5)
+            if published == seen:
+                continue
+            seen = published
+            if self._stopping.wait(max(0.0, next_s - time.monotonic())):
+                break
+            next_s = time.monotonic() + period_s
+            self._policy_step()
+
+    def destroy_node(self):
+        """Stop the policy thread (it finishes the step in hand) before the node's entities go."""
+        if hasattr(self, "_policy_thread"):
+            self._stopping.set()
+            self._policy_thread.join(timeout=5.0)
+        return super().destroy_node()
+
     def _policy_step(self) -> None:
         try:
             self._predict()
@@ -721,6 +778,7 @@ class PolicyNode(Node):
         counters = dict(self.chunk_executor.counters)
         if self.policy_errors:
             counters["policy_errors"] = self.policy_errors
+        counters.update(self.input_drops.as_dict())
         return PolicyStats(
             header=header,
             actions_enabled=bool(self.params["enable_actions"]),

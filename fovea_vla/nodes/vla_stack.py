@@ -3,8 +3,10 @@
 The encoder's output tensor is handed to the action head through a :class:`LatestTokens` slot:
 no serialisation, no device-to-host copy, no DDS hop. Both nodes keep their own names,
 parameters and topics (``/**/fovea_node`` and ``/**/policy_node`` sections of the parameter
-files); a multi-threaded executor runs the camera callback, the policy timer and the control
-timer concurrently (torch releases the GIL inside its kernels).
+files). The heavy work runs on the nodes' own threads: fovea_node's frame thread (the pipeline, on
+the newest camera message) and policy_node's policy thread (the action head, woken by new tokens);
+one single-threaded executor runs the short callbacks (camera hand-over, control tick, services).
+A multi-threaded executor would busy-poll, holding the GIL, whenever a callback is still running.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import sys
 
 import rclpy
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 
 from fovea_vla.core.policy.observation import LatestTokens
 from fovea_vla.nodes.fovea_node import FoveaNode
@@ -60,7 +62,7 @@ def main(args=None) -> int:
         except (ValueError, OSError, RuntimeError) as exc:
             rclpy.logging.get_logger("vla_stack").fatal(str(exc))
             return 2
-        executor = MultiThreadedExecutor(num_threads=4)
+        executor = SingleThreadedExecutor()
         for node in nodes:
             executor.add_node(node)
         executor.spin()

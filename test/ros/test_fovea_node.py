@@ -57,7 +57,7 @@ def scene():
 
 def start_fovea_node(probe, namespace, params, message_type, topic, log_dir):
     """fovea_node in its own process and namespace, with a probe-side publisher to its camera topic."""
-    graph = node_graph(config="cpu.yaml", use_replay=False)
+    graph = node_graph(config="cpu.yaml", use_replay=False, captions=False)
     processes = GraphProcesses(graph, namespace=namespace, parameters={"fovea_node": params}, log_dir=log_dir).start()
     outputs = Outputs(probe, namespace)
     publisher = probe.node.create_publisher(message_type, f"/{namespace}/{topic}", qos.sensor("reliable", 20))
@@ -120,7 +120,7 @@ def test_frames_in_fixation_markers_stats_out_with_capture_stamps(ros_probe, raw
         assert stamp_to_ns(stats.header.stamp) in sent
         assert stats.num_tokens == 273
         assert {"coherence", "upload", "sampling", "total"} <= {s.stage for s in stats.stages}
-        assert {b.stage: b.backend for b in stats.backends} == {"flow": "dis", "texture": "torch"}
+        assert {b.stage: b.backend for b in stats.backends} == {"decode": "opencv", "flow": "dis", "texture": "torch"}
     assert outputs.stats[-1].frames_processed >= 8
     # From the second frame on there is flow and motion analysis; every frame gets a decision.
     assert {"flow", "motion", "fixation"} <= {s.stage for s in outputs.stats[-1].stages}
@@ -231,7 +231,7 @@ def test_set_fixation_service_and_clicked_point_move_the_fixation(ros_probe, raw
 
 
 def test_full_graph_with_camera_replay_preserves_capture_stamps(ros_probe, tmp_path):
-    graph = node_graph(config="cpu.yaml", use_replay=True, replay_source="synthetic")
+    graph = node_graph(config="cpu.yaml", use_replay=True, replay_source="synthetic", captions=False)
     params = {"camera_replay": {"rate_hz": 10.0, "synthetic.width": 320, "synthetic.height": 240}}
     infos: list[CameraInfo] = []
     ros_probe.node.create_subscription(CameraInfo, "/full/camera_info", infos.append, qos.sensor("reliable", 50))
@@ -329,3 +329,76 @@ def test_slip_events_over_ros_carry_the_frame_stamp(ros_probe, tmp_path):
     index = stamps.index(stamp_to_ns(onset.header.stamp))
     assert sequence.onset <= index <= sequence.onset + 3, (index, sequence.onset)
     assert onset.header.frame_id == FRAME_ID and onset.magnitude > 0.2
+
+
+def test_video_packets_decode_with_their_capture_stamps_and_bad_packets_are_counted(ros_probe, scene, tmp_path):
+    """image_transport video: CompressedVideo H.264 packets (CPU decoder here), a stream joined mid-GOP."""
+    pytest.importorskip("av")
+    from fovea_vla.core.video_stream import VideoEncoder, VideoEncoderConfig
+    from fovea_vla_msgs.msg import CompressedVideo
+
+    params = {**TEST_NODE_PARAMS, "image_transport": "video"}
+    processes, publisher, outputs = start_fovea_node(
+        ros_probe, "video", params, CompressedVideo, "image/video", tmp_path
+    )
+    encoder = VideoEncoder(VideoEncoderConfig(format="h264", keyframe_interval=4))
+    packets = [encoder.encode(scene.render(index)[0]) for index in range(8)]
+
+    def packet_msg(data: bytes) -> CompressedVideo:
+        stamp = header(ros_probe).stamp
+        return CompressedVideo(timestamp=stamp, frame_id=FRAME_ID, data=data, format="h264")
+
+    def send(msg: CompressedVideo, what: str) -> PipelineStats:
+        stamp = stamp_to_ns(msg.timestamp)
+        publisher.publish(msg)
+        ros_probe.wait_for(lambda: outputs.stats_for(stamp) is not None, 20.0, what, processes)
+        return outputs.stats_for(stamp)
+
+    try:
+        joined_late = packet_msg(packets[1])  # a P-frame: nothing to decode it against yet
+        publisher.publish(joined_late)
+        publisher.publish(packet_msg(b"\x01\x02 no start code"))
+        sent = []
+        for index in range(4, 8):  # from the keyframe at 4 on
+            msg = packet_msg(packets[index])
+            sent.append(stamp_to_ns(msg.timestamp))
+            stats = send(msg, f"stats for packet {index}")
+    finally:
+        assert processes.stop() == {"fovea_node": 0}
+    counted = drops(stats)
+    assert counted.get("no_keyframe", 0) == 1 and counted.get("bad_format", 0) == 1, counted
+    assert outputs.fixation_for(stamp_to_ns(joined_late.timestamp)) is None
+    assert [stamp_to_ns(f.header.stamp) for f in outputs.fixations] == sent
+    assert all(f.header.frame_id == FRAME_ID and f.image_width == 320 for f in outputs.fixations)
+    assert {b.stage: b.backend for b in stats.backends}["decode"] == "ffmpeg"
+    assert "decode" in {s.stage for s in stats.stages}
+
+
+def test_camera_replay_video_transport_into_fovea_node(ros_probe, tmp_path):
+    """camera_replay encodes H.264 packets; every fixation carries the stamp of a published frame."""
+    pytest.importorskip("av")
+    graph = node_graph(config="cpu.yaml", use_replay=True, replay_source="synthetic")
+    graph = [spec for spec in graph if spec.name in ("camera_replay", "fovea_node")]
+    params = {
+        "camera_replay": {"rate_hz": 10.0, "synthetic.width": 320, "synthetic.height": 240, "transport": "video"},
+        "fovea_node": {"image_transport": "video"},
+    }
+    infos: list[CameraInfo] = []
+    ros_probe.node.create_subscription(CameraInfo, "/replayvideo/camera_info", infos.append, qos.sensor("reliable", 50))
+    outputs = Outputs(ros_probe, "replayvideo")
+    with GraphProcesses(graph, namespace="replayvideo", parameters=params, log_dir=tmp_path) as processes:
+        ros_probe.wait_for(lambda: len(outputs.fixations) >= 5 and infos, STARTUP_S, "fixations from video", processes)
+        ros_probe.wait_for(
+            lambda: (
+                sum(stamp_to_ns(f.header.stamp) >= stamp_to_ns(infos[0].header.stamp) for f in outputs.fixations) >= 3
+            ),
+            STARTUP_S,
+            "fixations of frames the probe also saw",
+            processes,
+        )
+        codes = processes.stop()
+    assert codes == {"camera_replay": 0, "fovea_node": 0}
+    first = stamp_to_ns(infos[0].header.stamp)
+    info_stamps = {stamp_to_ns(i.header.stamp) for i in infos}
+    comparable = [f for f in outputs.fixations if stamp_to_ns(f.header.stamp) >= first]
+    assert comparable and all(stamp_to_ns(f.header.stamp) in info_stamps for f in comparable)

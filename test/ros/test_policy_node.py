@@ -99,7 +99,7 @@ class Robot:
         pose = PoseStamped()
         pose.header.stamp, pose.header.frame_id = stamp, "panda_link0"
         pose.pose.position.x, pose.pose.position.y, pose.pose.position.z = EE_HOME
-        pose.pose.orientation.x = 1.0  # gripper pointing down
+        pose.pose.orientation.x, pose.pose.orientation.w = 1.0, 0.0  # gripper pointing down
         self.pose_pub.publish(pose)
 
     def close(self) -> None:
@@ -109,7 +109,7 @@ class Robot:
 def start_stack(probe, tmp_path_factory, namespace: str, action_space: str, enable_actions: bool):
     folder = tmp_path_factory.mktemp(namespace)
     write_checkpoint(folder / "policy", action_space)
-    graph = node_graph(config="cpu.yaml", use_replay=True, policy=True)
+    graph = node_graph(config="cpu.yaml", use_replay=True, policy=True, captions=False)
     parameters = {
         "camera_replay": {"synthetic.width": 320, "synthetic.height": 240, "rate_hz": 10.0},
         "fovea_node": {
@@ -253,7 +253,7 @@ def test_ee_dry_run_publishes_chunks_but_no_twists_until_enabled(ros_probe, ee_s
 def test_invalid_policy_parameters_are_refused_at_startup_naming_them(tmp_path, overrides, needle):
     write_checkpoint(tmp_path / "policy", "joint_position")
     params = {} if not overrides else {"policy.checkpoint": str(tmp_path / "policy"), **overrides}
-    graph = node_graph(config="cpu.yaml", use_replay=False, policy=True)
+    graph = node_graph(config="cpu.yaml", use_replay=False, policy=True, captions=False)
     processes = GraphProcesses(graph, namespace="badpolicy", parameters={"policy_node": params}, log_dir=tmp_path)
     processes.start()
     try:

@@ -52,7 +52,7 @@ def episodes():
 @pytest.mark.skipif(not (POLICY / "config.json").is_file(), reason="bundled policy not present")
 def test_two_episodes_over_ros_move_the_arm(ros_probe, tmp_path, episodes):
     seeds = sorted(episodes)
-    graph = node_graph(config="sim.yaml", use_replay=False, policy=True, sim=True)
+    graph = node_graph(config="sim.yaml", use_replay=False, policy=True, sim=True, captions=False)
     parameters = {"sim_bridge": {"seed": seeds[0], "episodes": len(seeds), "max_steps": MAX_STEPS}}
     results: list[dict] = []
     poses: list[tuple[int, np.ndarray]] = []

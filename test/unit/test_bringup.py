@@ -73,12 +73,29 @@ def test_launch_file_builds_its_nodes_from_bringup():
 
 def test_launch_arguments_match_node_graph_signature():
     names = {a.name for a in LAUNCH_ARGUMENTS}
-    assert names == {"config", "camera_topic", "use_replay", "replay_source", "namespace", "rviz", "policy", "sim"}
+    assert names == {
+        "config",
+        "camera_topic",
+        "use_replay",
+        "replay_source",
+        "namespace",
+        "rviz",
+        "policy",
+        "sim",
+        "captions",
+    }
     node_graph(**{a.name: a.default for a in LAUNCH_ARGUMENTS})
 
 
+def test_captions_run_in_their_own_process_unless_turned_off():
+    with_captions = node_graph(use_replay=False, policy="true")
+    assert [spec.executable for spec in with_captions] == ["vla_stack", "caption_node"]
+    assert with_captions[1].remappings == with_captions[0].remappings  # camera_info reaches it too
+    assert [spec.executable for spec in node_graph(use_replay=False, policy="true", captions="false")] == ["vla_stack"]
+
+
 def test_policy_runs_both_nodes_in_one_process_with_node_scoped_overrides(tmp_path):
-    graph = node_graph(use_replay=False, policy="true")
+    graph = node_graph(use_replay=False, policy="true", captions=False)
     assert [(spec.executable, spec.node_names) for spec in graph] == [("vla_stack", ("fovea_node", "policy_node"))]
     processes = GraphProcesses(
         graph, parameters={"policy_node": {"enable_actions": True}, "fovea_node": {"flow.grid": 2}}

@@ -324,6 +324,23 @@ def test_hf_shape_mismatch_names_the_hugging_face_keys(tmp_path):
         _encoder(checkpoint=tmp_path / "model.safetensors", mlp_ratio=2.0)
 
 
+def test_shallower_model_keeps_the_checkpoints_first_blocks(tmp_path):
+    deep = _encoder(pos_grid=GRID, depth=3, seed=2)
+    path = _timm_file(tmp_path, deep.model)
+    shallow = _encoder(checkpoint=path, pos_grid=GRID, depth=1, seed=7)
+    assert shallow.load_report.adapted == ("blocks: kept the first 1 of 3 (encoder.depth)",)
+    assert shallow.model.depth == 1
+    for key, value in shallow.model.state_dict().items():
+        assert torch.equal(value, deep.model.state_dict()[key]), key
+    # The same tokens as the reference ViT run over the checkpoint's first block only.
+    image = _image()
+    state = {k: v for k, v in deep.model.state_dict().items() if not k.startswith(("blocks.1.", "blocks.2."))}
+    expected = _reference_vit(state, _normalise(deep.model, image), 4, 1e-6)[:, 1:]
+    torch.testing.assert_close(shallow.encode(*_grid_inputs(image)).tokens, expected, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match=re.escape("missing key 'blocks.3.attn.proj.bias'")):
+        _encoder(checkpoint=path, pos_grid=GRID, depth=4)
+
+
 @pytest.mark.parametrize("old_patch", [8, 32])
 def test_patch_size_adaptation(tmp_path, old_patch):
     model = _encoder(pos_grid=(4, 4)).model

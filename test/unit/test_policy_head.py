@@ -93,6 +93,32 @@ def test_latent_resampler_keeps_shapes_and_round_trips(tmp_path):
     torch.testing.assert_close(loaded(tokens, positions, instruction, state), actions, rtol=0, atol=0)
 
 
+def test_instruction_latents_condition_the_resampler_and_round_trip(tmp_path):
+    fields = {**HEAD.to_dict(), "delta_state_indices": HEAD.delta_state_indices, "num_latents": 8}
+    head = ActionHeadConfig(**{**fields, "instruction_latents": True})
+    model = ActionHead.from_config(head, seed=2).eval()
+    batch = inputs(n_tokens=50)
+    actions = model(*batch)
+    # The only difference from the plain head is the instruction's projection added to the latents' queries.
+    plain = ActionHead.from_config(ActionHeadConfig(**fields), seed=2).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("latent_instruction.")})
+    assert not torch.allclose(plain(*batch), actions)
+    with torch.no_grad():
+        model.latent_instruction.weight.zero_()
+        model.latent_instruction.bias.zero_()
+    torch.testing.assert_close(model(*batch), plain(*batch), rtol=0, atol=0)
+    save_policy(tmp_path / "ckpt", ActionHead.from_config(head, seed=2), make_spec(head))
+    loaded, spec = load_policy(tmp_path / "ckpt")
+    assert spec.head.instruction_latents
+    torch.testing.assert_close(loaded(*batch), actions, rtol=0, atol=0)
+
+
+def test_checkpoints_without_instruction_latents_still_load():
+    values = HEAD.to_dict()
+    del values["instruction_latents"]
+    assert ActionHeadConfig.from_dict(values) == HEAD
+
+
 def test_targets_invert_forward_for_absolute_and_delta_dims():
     model = make_model()
     state = inputs(seed=1)[3]
@@ -176,6 +202,7 @@ def test_compatibility_checks_name_the_mismatch():
         ({"delta_state_indices": (0, 1)}, "policy.delta_state_indices"),
         ({"delta_state_indices": (9,) * 8}, "policy.delta_state_indices"),
         ({"mlp_ratio": -1.0}, "policy.mlp_ratio"),
+        ({"instruction_latents": True}, r"policy.instruction_latents=True: must be a bool \(true needs num_latents"),
     ],
 )
 def test_config_validation_names_the_field(changes, message):

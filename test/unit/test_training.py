@@ -286,7 +286,7 @@ def test_cli_trains_from_parameter_files(dataset, tmp_path, capsys):
         "    flow: {backend: dis, preset: ultrafast}\n"
         "    texture: {backend: torch, device: cpu}\n"
         "    foveation: {num_tokens: 16, adaptive: {enabled: false}}\n"
-        "    encoder: {enabled: false, architecture: vit_tiny_patch16, device: cpu}\n"  # train turns the encoder on
+        "    encoder: {enabled: false, architecture: vit_tiny_patch16, depth: 1, device: cpu}\n"  # train turns it on
     )
     out = tmp_path / "out"
     argv = ["train", "--data", str(dataset.root), "--out", str(out), "--config", str(config), "--epochs", "2"]
@@ -297,7 +297,7 @@ def test_cli_trains_from_parameter_files(dataset, tmp_path, capsys):
     _, spec = load_policy(out / "policy")
     assert spec.encoder_architecture == "vit_tiny_patch16" and spec.head.token_dim == 192
     assert spec.action_space == "ee_pose" and spec.step_s == pytest.approx(0.1) and spec.head.chunk_size == 4
-    assert spec.provenance["command"].startswith("fovea-vla train --data")
+    assert spec.provenance["command"].startswith("fovea-vla train --data") and spec.provenance["encoder_depth"] == 1
     assert (out / "loss.png").is_file() and len(list((out / "token_cache").glob("*/episode_*.tokens.npy"))) == 6
     # A second run without --resume refuses to overwrite; with --resume it finishes at once.
     assert main([*argv, "--device", "cpu"]) == 2

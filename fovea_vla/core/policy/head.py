@@ -5,12 +5,14 @@ attends to every other (pre-norm blocks, as in the encoder), and the K query out
 a chunk of K actions x A dims. With ``num_latents`` L > 0 the N image tokens are first summarised by
 L learned latents through one cross-attention block (as in Perceiver / Flamingo's resampler), so the
 blocks run over K + 2 + L positions instead of K + 2 + N: the head's cost no longer grows with the
-token budget (about 6x less compute at N = 273, L = 32). Inputs and outputs are normalised with
-statistics stored in the module (``state_mean`` ... ``action_std``), so a checkpoint carries
-everything needed to turn robot units into network units and back. With ``delta_state_indices`` the
-network predicts each action dim as an offset from one state dim (targets near the current pose are
-the common case, so offsets are easier to learn than absolute values), and the head adds the state
-back.
+token budget (about 6x less compute at N = 273, L = 32). With ``instruction_latents`` the latents'
+queries also get the instruction's projection, so the resampler can look for what the instruction
+names (a colour, say) wherever it is, instead of summarising every object for the blocks to choose
+from. Inputs and outputs are normalised with statistics stored in the module (``state_mean`` ...
+``action_std``), so a checkpoint carries everything needed to turn robot units into network units and
+back. With ``delta_state_indices`` the network predicts each action dim as an offset from one state
+dim (targets near the current pose are the common case, so offsets are easier to learn than absolute
+values), and the head adds the state back.
 
 Every image token also gets where it was sampled: its centre (x / W, y / H) and mip level / 8 (see
 :func:`fovea_vla.core.policy.observation.token_positions`), as Fourier features projected to W and
@@ -60,6 +62,8 @@ class ActionHeadConfig:
             stays absolute, e.g. the gripper).
         num_latents: L > 0 summarises the image tokens into L latents by cross-attention first;
             0 puts every image token into the blocks.
+        instruction_latents: add a projection of the instruction to the latents' queries (needs
+            ``num_latents`` > 0).
     """
 
     token_dim: int = 192
@@ -73,6 +77,7 @@ class ActionHeadConfig:
     mlp_ratio: float = 4.0
     delta_state_indices: tuple[int, ...] = ()
     num_latents: int = 0
+    instruction_latents: bool = False
 
     def __post_init__(self):
         for name, top in (
@@ -92,6 +97,10 @@ class ActionHeadConfig:
             raise ValueError(f"policy.num_latents={self.num_latents!r}: must be an integer in [0, 4096]")
         if self.width % self.num_heads:
             raise ValueError(f"policy.width={self.width}: must be divisible by policy.num_heads={self.num_heads}")
+        if not isinstance(self.instruction_latents, bool) or (self.instruction_latents and not self.num_latents):
+            raise ValueError(
+                f"policy.instruction_latents={self.instruction_latents!r}: must be a bool (true needs num_latents > 0)"
+            )
         if not is_real(self.mlp_ratio) or not 0 < self.mlp_ratio <= 16:
             raise ValueError(f"policy.mlp_ratio={self.mlp_ratio!r}: must be a number in (0, 16]")
         indices = self.delta_state_indices
@@ -119,7 +128,8 @@ class ActionHeadConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown action-head fields {unknown}")
-        missing = sorted(known - set(values))
+        # Checkpoints written before instruction_latents existed do not name it.
+        missing = sorted(known - set(values) - {"instruction_latents"})
         if missing:
             raise ValueError(f"missing action-head fields {missing}")
         fields = dict(values)
@@ -175,6 +185,7 @@ class ActionHead(nn.Module):
         self.type_embed = nn.Parameter(torch.zeros(4, w))
         self.latents = nn.Parameter(torch.zeros(cfg.num_latents, w)) if cfg.num_latents else None
         self.resampler = _CrossAttention(w, cfg.num_heads, int(w * cfg.mlp_ratio)) if cfg.num_latents else None
+        self.latent_instruction = nn.Linear(cfg.instruction_dim, w) if cfg.instruction_latents else None
         self.blocks = nn.ModuleList(Block(w, cfg.num_heads, int(w * cfg.mlp_ratio), 1e-6) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(w)
         self.action_out = nn.Linear(w, cfg.action_dim)
@@ -248,7 +259,10 @@ class ActionHead(nn.Module):
             self.token_proj(self.token_norm(tokens.to(dtype))) + self.position_proj(fourier) + self.type_embed[_IMAGE]
         )
         if self.resampler is not None:
-            image = self.resampler(self.latents.expand(b, -1, -1) + self.type_embed[_IMAGE], image)
+            queries = self.latents.expand(b, -1, -1) + self.type_embed[_IMAGE]
+            if self.latent_instruction is not None:
+                queries = queries + self.latent_instruction(instruction.to(dtype))[:, None]
+            image = self.resampler(queries, image)
         parts = (
             self.queries.expand(b, -1, -1) + self.type_embed[_QUERY],
             (self.instruction_proj(instruction.to(dtype)) + self.type_embed[_INSTRUCTION])[:, None],

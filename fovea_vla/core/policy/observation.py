@@ -61,18 +61,26 @@ class TokenFrame:
 
 
 class LatestTokens:
-    """A thread-safe single-frame slot: :meth:`publish` replaces, :meth:`latest` reads."""
+    """A thread-safe single-frame slot: :meth:`publish` replaces, :meth:`latest` reads, :meth:`wait_for_new` waits."""
 
     def __init__(self):
-        self._lock = threading.Lock()
+        self._condition = threading.Condition()
         self._frame: TokenFrame | None = None
         self.published = 0
 
     def publish(self, frame: TokenFrame) -> None:
-        with self._lock:
+        with self._condition:
             self._frame = frame
             self.published += 1
+            self._condition.notify_all()
 
     def latest(self) -> TokenFrame | None:
-        with self._lock:
+        with self._condition:
             return self._frame
+
+    def wait_for_new(self, seen: int, timeout_s: float) -> int:
+        """Block until more than ``seen`` frames were published, or ``timeout_s`` passed; returns
+        the number published so far (pass it back as ``seen`` next time)."""
+        with self._condition:
+            self._condition.wait_for(lambda: self.published > seen, timeout_s)
+            return self.published

@@ -21,9 +21,18 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["SentenceEncoder", "TextEncoder", "TextEncoderConfig", "default_model_dir"]
+__all__ = [
+    "EmbeddingTable",
+    "SentenceEncoder",
+    "TextEncoder",
+    "TextEncoderConfig",
+    "default_model_dir",
+    "load_text_encoder",
+    "write_embedding_table",
+]
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+TABLE_FORMAT = "fovea_vla.instruction_embeddings"
 
 
 class TextEncoder(Protocol):
@@ -51,7 +60,8 @@ class TextEncoderConfig:
     """Instruction-embedding parameters.
 
     Attributes:
-        path: a local sentence-transformers folder; "" = the bundled all-MiniLM-L6-v2.
+        path: a local sentence-transformers folder; a ``.json`` table of precomputed embeddings
+            (:func:`write_embedding_table`); "" = the bundled all-MiniLM-L6-v2.
         device: torch device for the model ("cpu" is right for one sentence now and then).
         max_length: tokens kept per instruction.
         cache_size: distinct instructions whose embeddings are kept.
@@ -78,6 +88,8 @@ class TextEncoderConfig:
         """
         if self.path:
             folder = Path(self.path).expanduser()
+            if folder.suffix == ".json":
+                raise ValueError(f"text_encoder.path={self.path!r}: an embedding table, not a model folder")
             if not folder.is_dir():
                 raise ValueError(f"text_encoder.path={self.path!r}: no such folder")
             return folder
@@ -169,3 +181,74 @@ def _read_modules(folder: Path) -> tuple[str, bool]:
                 elif not modes.get("pooling_mode_mean_tokens", True):
                     raise ValueError(f"text_encoder.path={str(folder)!r}: only mean or CLS pooling is supported")
     return pooling, normalize
+
+
+class EmbeddingTable:
+    """Precomputed instruction embeddings: a robot with a fixed set of tasks runs without the text
+    model (no 90 MB of weights, no transformers import, no first-call forward pass).
+
+    Args:
+        path: a JSON file written by :func:`write_embedding_table`.
+
+    Raises:
+        ValueError: not such a file, or inconsistent dimensions (named).
+    """
+
+    def __init__(self, path: str | Path):
+        path = Path(path).expanduser()
+        try:
+            document = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"text_encoder.path={str(path)!r}: not a readable embedding table ({exc})") from exc
+        if not isinstance(document, dict) or document.get("format") != TABLE_FORMAT:
+            raise ValueError(f"text_encoder.path={str(path)!r}: format is not {TABLE_FORMAT!r}")
+        self.path = path
+        self.name = str(document["model"])
+        self.dim = int(document["dim"])
+        self._table = {}
+        for text, values in document["embeddings"].items():
+            vector = np.asarray(values, dtype=np.float32)
+            if vector.shape != (self.dim,) or not np.isfinite(vector).all():
+                raise ValueError(
+                    f"text_encoder.path={str(path)!r}: the embedding of {text!r} is not {self.dim} finite values"
+                )
+            vector.setflags(write=False)
+            self._table[text] = vector
+
+    @property
+    def instructions(self) -> list[str]:
+        return list(self._table)
+
+    def embed(self, text: str) -> np.ndarray:
+        """(dim,) float32 embedding of ``text``.
+
+        Raises:
+            KeyError: ``text`` is not in the table (the message lists what is).
+        """
+        try:
+            return self._table[text]
+        except KeyError:
+            raise KeyError(
+                f"instruction {text!r} is not in the embedding table {str(self.path)!r} "
+                f"(it has: {', '.join(repr(t) for t in self._table)})"
+            ) from None
+
+
+def write_embedding_table(encoder: TextEncoder, instructions: list[str], path: str | Path) -> Path:
+    """Embed ``instructions`` with ``encoder`` and save them as an :class:`EmbeddingTable` file."""
+    document = {
+        "format": TABLE_FORMAT,
+        "model": encoder.name,
+        "dim": encoder.dim,
+        "embeddings": {text: [float(v) for v in encoder.embed(text)] for text in instructions},
+    }
+    path = Path(path)
+    path.write_text(json.dumps(document))
+    return path
+
+
+def load_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
+    """An :class:`EmbeddingTable` when ``cfg.path`` names a ``.json`` file, else a :class:`SentenceEncoder`."""
+    if cfg.path.endswith(".json"):
+        return EmbeddingTable(cfg.path)
+    return SentenceEncoder(cfg)

@@ -252,6 +252,8 @@ class TrainConfig:
         mlp_ratio: MLP hidden width / W.
         num_latents: L latents summarising the image tokens (0: all tokens in the blocks); see
             :class:`ActionHeadConfig`.
+        instruction_latents: condition the latents' queries on the instruction (needs
+            ``num_latents`` > 0); see :class:`ActionHeadConfig`.
         chunk_size: K, actions per predicted chunk.
         epochs: passes over the training frames.
         batch_size: frames per optimiser step.
@@ -275,6 +277,7 @@ class TrainConfig:
     num_heads: int = 8
     mlp_ratio: float = 4.0
     num_latents: int = 32
+    instruction_latents: bool = False
     chunk_size: int = 16
     epochs: int = 100
     batch_size: int = 64
@@ -304,6 +307,10 @@ class TrainConfig:
             raise ValueError(f"train.width={self.width}: must be divisible by train.num_heads={self.num_heads}")
         if not is_int(self.num_latents) or not 0 <= self.num_latents <= 4096:
             raise ValueError(f"train.num_latents={self.num_latents!r}: must be an integer in [0, 4096]")
+        if not isinstance(self.instruction_latents, bool) or (self.instruction_latents and not self.num_latents):
+            raise ValueError(
+                f"train.instruction_latents={self.instruction_latents!r}: must be a bool (true needs num_latents > 0)"
+            )
         for name, low, high, closed_low in (
             ("mlp_ratio", 0.0, 16.0, False),
             ("lr", 0.0, 1.0, False),
@@ -642,6 +649,7 @@ def train(
         mlp_ratio=cfg.mlp_ratio,
         delta_state_indices=tuple(delta),
         num_latents=cfg.num_latents,
+        instruction_latents=cfg.instruction_latents,
     )
     spec_base = dict(
         head=head_cfg,

@@ -89,6 +89,17 @@ extern "C" __global__ void write_rgb8(const unsigned char* __restrict__ pixels, 
     surf2Dwrite(make_uchar4(p[0], p[1], p[2], 255), level0, x * 4, y);
 }
 
+// The same from a whole (H, width, 3) RGB8 frame already on the device (a GPU decoder's output).
+extern "C" __global__ void write_rgb8_frame(const unsigned char* __restrict__ frame, int width,
+                                            const int* __restrict__ table, int count, int total,
+                                            cudaSurfaceObject_t level0) {
+    int x, y;
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (!locate(table, count, total, i, x, y)) return;
+    const unsigned char* p = frame + 3 * ((size_t)y * width + x);
+    surf2Dwrite(make_uchar4(p[0], p[1], p[2], 255), level0, x * 4, y);
+}
+
 // Level k from level k - 1 (src_w x src_h): 2x2 box average, the last row/column replicated on odd
 // sizes, summed in the reference's order.
 extern "C" __global__ void mip_from_rgb8(cudaSurfaceObject_t src, int src_w, int src_h, cudaSurfaceObject_t dst,
@@ -363,6 +374,8 @@ class CupyTexture:
     """
 
     name = "cupy"
+    # upload / upload_rects also take the frame as a CUDA tensor on this texture's device.
+    accepts_device_frames = True
 
     def __init__(self, cfg: TextureConfig | None = None):
         import cupy
@@ -410,6 +423,7 @@ class CupyTexture:
             launch = self._driver.launchKernel
             p, i, s = ctypes.c_void_p, ctypes.c_int32, ctypes.c_uint64
             self._write_rgb8 = _Kernel(launch, module.get_function("write_rgb8").kernel, (p, p, i, i, s))
+            self._write_rgb8_frame = _Kernel(launch, module.get_function("write_rgb8_frame").kernel, (p, i, p, i, i, s))
             mip_args = (s, i, i, s, p, i, i)
             self._mip_from_rgb8 = _Kernel(launch, module.get_function("mip_from_rgb8").kernel, mip_args)
             self._mip_from_float = _Kernel(launch, module.get_function("mip_from_float").kernel, mip_args)
@@ -424,18 +438,33 @@ class CupyTexture:
         """Replace the texture with ``rgb`` and rebuild every mip level.
 
         Args:
-            rgb: (H, W, 3) uint8 RGB frame. A new size reallocates the pyramid.
+            rgb: (H, W, 3) uint8 RGB frame: a NumPy array (one pinned host-to-device copy), or a
+                C-contiguous torch tensor on this texture's device (read in place, written on
+                torch's current stream: no copy). A new size reallocates the pyramid.
 
         Raises:
-            ValueError: not an (H, W, 3) uint8 array.
+            ValueError: not an (H, W, 3) uint8 array or such a tensor.
         """
-        self._check_frame(rgb, "upload")
+        on_device = self._check_frame(rgb, "upload")
         height, width = rgb.shape[:2]
         if (width, height) != (self.width, self.height):
             self._allocate(width, height)
         with self._cupy_device:
             stream = self._enter()
-            self._write_frame(rgb, stream)
+            if on_device:
+                total = width * height
+                self._write_rgb8_frame(
+                    total,
+                    stream.cuda_stream,
+                    rgb.data_ptr(),
+                    width,
+                    self._full_level0_table.data_ptr(),
+                    1,
+                    total,
+                    self._surfaces[0].ptr,
+                )
+            else:
+                self._write_frame(rgb, stream)
             self._rebuild(None, stream)
 
     def upload_rects(self, rgb: np.ndarray, rects: np.ndarray) -> None:
@@ -445,7 +474,8 @@ class CupyTexture:
         :meth:`rebuild_mips`.
 
         Args:
-            rgb: (H, W, 3) uint8 RGB frame of the size uploaded last.
+            rgb: (H, W, 3) uint8 RGB frame of the size uploaded last, on the host or on this
+                texture's device (as :meth:`upload`; then only the rectangle table is copied).
             rects: (M, 4) int rectangles (x0, y0, x1, y1) [px], half-open, inside the frame.
 
         Raises:
@@ -454,7 +484,7 @@ class CupyTexture:
         """
         if not self._sizes:
             raise RuntimeError("upload_rects() before upload()")
-        self._check_frame(rgb, "upload_rects")
+        on_device = self._check_frame(rgb, "upload_rects")
         if rgb.shape[:2] != (self.height, self.width):
             raise ValueError(
                 f"upload_rects expects a {self.width}x{self.height} frame (the size uploaded last), "
@@ -462,6 +492,9 @@ class CupyTexture:
             )
         rects = self._checked_rects(rects)
         if not len(rects):
+            return
+        if on_device:
+            self._write_device_rects(rgb, rects)
             return
         # One pinned buffer: the rectangle table (5 M int32), padded to 16 bytes, then the pixels.
         areas = (rects[:, 2] - rects[:, 0]) * (rects[:, 3] - rects[:, 1])
@@ -581,10 +614,43 @@ class CupyTexture:
                 host = buffer.get(stream=stream)  # blocking
         return host.reshape(height, width, 4)[..., :3].copy()
 
-    def _check_frame(self, rgb: np.ndarray, what: str) -> None:
-        if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+    def _check_frame(self, rgb, what: str) -> bool:
+        """Refuses anything but an (H, W, 3) uint8 array or such a tensor here; returns whether it is on the device."""
+        if isinstance(rgb, self._torch.Tensor):
+            if (
+                rgb.ndim == 3
+                and rgb.shape[2] == 3
+                and rgb.dtype == self._torch.uint8
+                and rgb.is_contiguous()
+                and rgb.device == self._torch_device
+            ):
+                return True
+            got = f"tensor {tuple(rgb.shape)} {rgb.dtype} on {rgb.device}"
+        elif isinstance(rgb, np.ndarray) and rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8:
+            return False
+        else:
             got = f"{rgb.shape} {rgb.dtype}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
-            raise ValueError(f"{what} expects an (H, W, 3) uint8 RGB frame, got {got}")
+        raise ValueError(
+            f"{what} expects an (H, W, 3) uint8 RGB frame (NumPy, or a contiguous tensor on {self.device}), got {got}"
+        )
+
+    def _write_device_rects(self, frame, rects: np.ndarray) -> None:
+        """Level-0 rectangles from a frame on the device: only the rectangle table crosses (one copy, one kernel)."""
+        table, total = _table(rects)
+        with self._cupy_device:
+            stream = self._enter()
+            self._tables.host(table.nbytes).view(np.int32)[...] = table
+            dev = self._tables.to_device(table.nbytes, stream)
+            self._write_rgb8_frame(
+                total,
+                stream.cuda_stream,
+                frame.data_ptr(),
+                self.width,
+                dev.data_ptr(),
+                len(rects),
+                total,
+                self._surfaces[0].ptr,
+            )
 
     def _checked_rects(self, rects) -> np.ndarray:
         """``rects`` as (M, 4) int64: a few reductions for the usual valid table, else ``check_rects`` (raises)."""

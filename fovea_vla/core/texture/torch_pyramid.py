@@ -36,6 +36,8 @@ class TorchPyramid:
     """Mip pyramid held as a list of (1, 3, H_k, W_k) float32 tensors in [0, 1]."""
 
     name = "torch"
+    # upload / upload_rects also take the frame as a torch tensor on this texture's device.
+    accepts_device_frames = True
 
     def __init__(self, cfg: TextureConfig | None = None):
         import torch
@@ -78,23 +80,24 @@ class TorchPyramid:
             self._storage.append(padded)
             self.levels.append(padded[..., :h_k, :w_k])
 
-    def upload(self, rgb: np.ndarray) -> None:
+    def upload(self, rgb) -> None:
+        """Args: rgb: (H, W, 3) uint8 NumPy array, or a torch tensor on this texture's device (no copy)."""
         torch = self._torch
-        _check_frame(rgb)
+        on_device = self._check_frame(rgb)
         height, width = rgb.shape[:2]
         if (width, height) != (self.width, self.height) or not self._storage:
             self._allocate(width, height)
-        base = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device, non_blocking=True)
+        base = rgb if on_device else torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device, non_blocking=True)
         self.levels[0].copy_(base.permute(2, 0, 1).unsqueeze(0))
         self.levels[0].div_(255.0)
         self._replicate_padding(0)
         self.rebuild_mips()
 
-    def upload_rects(self, rgb: np.ndarray, rects: np.ndarray) -> None:
+    def upload_rects(self, rgb, rects: np.ndarray) -> None:
         torch = self._torch
         if not self._storage:
             raise RuntimeError("upload_rects() before upload()")
-        _check_frame(rgb)
+        on_device = self._check_frame(rgb)
         if rgb.shape[:2] != (self.height, self.width):
             raise ValueError(f"upload_rects: frame {rgb.shape[1]}x{rgb.shape[0]}, texture {self.width}x{self.height}")
         tile_y, tile_x = self._dirty_tiles(check_rects(rects, self.width, self.height))
@@ -103,8 +106,11 @@ class TorchPyramid:
         # Clipped indices replicate the last row / column into edge tiles' padding.
         rows = np.minimum(tile_y[:, None] * TILE + np.arange(TILE), self.height - 1)
         cols = np.minimum(tile_x[:, None] * TILE + np.arange(TILE), self.width - 1)
-        packed = rgb[rows[:, :, None], cols[:, None, :]]  # (M, T, T, 3) uint8, only the dirty pixels
-        tiles = torch.from_numpy(packed).to(self.device, non_blocking=True)
+        if on_device:
+            tiles = rgb[self._index(rows)[:, :, None], self._index(cols)[:, None, :]]  # gathered on the device
+        else:
+            packed = rgb[rows[:, :, None], cols[:, None, :]]  # (M, T, T, 3) uint8, only the dirty pixels
+            tiles = torch.from_numpy(packed).to(self.device, non_blocking=True)
         tiles = tiles.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
         self._tile_view(0)[self._index(tile_y), self._index(tile_x)] = tiles
 
@@ -133,6 +139,31 @@ class TorchPyramid:
             if h % 2 or w % 2:
                 finer = functional.pad(finer, (0, w % 2, 0, h % 2), mode="replicate")
             self.levels[k].copy_(functional.avg_pool2d(finer, 2))
+
+    def _check_frame(self, rgb) -> bool:
+        """Refuses all but an (H, W, 3) uint8 array or such a tensor on this device; returns whether it is a tensor."""
+        torch = self._torch
+        if not isinstance(rgb, torch.Tensor):
+            _check_frame(rgb)
+            return False
+        if not (
+            rgb.ndim == 3
+            and rgb.shape[2] == 3
+            and rgb.dtype == torch.uint8
+            and min(rgb.shape[:2]) >= 1
+            and rgb.device == self._storage_device()
+        ):
+            raise ValueError(
+                f"upload expects (H, W, 3) uint8 on {self.device}, got {tuple(rgb.shape)} {rgb.dtype} on {rgb.device}"
+            )
+        return True
+
+    def _storage_device(self):
+        torch = self._torch
+        device = torch.device(self.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
 
     def _dirty_tiles(self, rects: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(tile rows, tile columns) of every tile the rectangles touch, each tile once."""
