@@ -201,6 +201,13 @@ class FoveaPipeline:
     def device(self) -> str:
         return self._texture.device
 
+    def close(self) -> None:
+        """Release the texture's GPU / GL resources (a GL context, CUDA registrations); the pipeline
+        is unusable afterwards. Backends without such resources have nothing to release."""
+        close = getattr(self._texture, "close", None)
+        if close is not None:
+            close()
+
     def reset(self) -> None:
         """Forget the previous frame and the fixation history (e.g. after a camera switch)."""
         self._prev_gray = None

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
 from builtin_interfaces.msg import Duration
+from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import Point, Pose, Quaternion, Vector3
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -39,11 +41,17 @@ from fovea_vla.core.caption import (
     make_captioner,
 )
 from fovea_vla.core.caption.vlm import DEFAULT_PROMPT
+from fovea_vla.core.diagnostics import DiagnosticsMonitor, StageSample
+from fovea_vla.core.stats import LatencyTracker
 from fovea_vla.nodes import qos
+from fovea_vla.nodes.diagnostics import diagnostic_array, diagnostics_config, diagnostics_params
 from fovea_vla.nodes.messages import CameraModel, ns_to_stamp, stamp_to_ns
 from fovea_vla.nodes.params import ConfigError, ParamSpec, declare_all
 from fovea_vla.nodes.runner import run_node
 from fovea_vla_msgs.msg import ActionChunk, Caption, CaptionView, Fixation, PipelineStats, PolicyStats, SlipEvent
+
+# The stage caption_node reports on /diagnostics.
+DIAGNOSED_STAGES = ("captions",)
 
 PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec(
@@ -84,6 +92,7 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("markers.depth_m", 1.0, "Distance of the marker plane in front of the camera [m].", range=(0.01, 100.0)),
     ParamSpec("default_fov_deg", 60.0, "Horizontal field of view until camera_info arrives [deg].", range=(1.0, 179.0)),
 )
+PARAMS += diagnostics_params(DIAGNOSED_STAGES)
 
 _FIXATION_SOURCES = {
     Fixation.SOURCE_DEFAULT: "default",
@@ -144,6 +153,7 @@ class CaptionNode(Node):
         try:
             self.params = declare_all(self, PARAMS)
             cfg = caption_config(self.params)
+            self.diagnostics = DiagnosticsMonitor(diagnostics_config(self.params, DIAGNOSED_STAGES))
         except ValueError as exc:
             raise ConfigError(f"caption_node: invalid configuration: {exc}") from exc
         p = self.params
@@ -183,6 +193,12 @@ class CaptionNode(Node):
         self.pub_text = self.create_publisher(String, "caption_text", latched)
         self.pub_markers = self.create_publisher(MarkerArray, "markers", qos.outputs())
         self.create_timer(1.0 / p["caption.rate_hz"], self._tick)
+        self.latency = LatencyTracker()
+        self._last_input_s: float | None = None
+        self._backend_reason = reason
+        self.pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", qos.outputs())
+        if p["diagnostics.rate_hz"] > 0:
+            self.create_timer(1.0 / p["diagnostics.rate_hz"], self._publish_diagnostics)
 
     # -- inputs -----------------------------------------------------------------------------
     def _on_view(self, msg: CaptionView) -> None:
@@ -194,6 +210,7 @@ class CaptionNode(Node):
             return
         r = msg.fovea_region
         self._view = msg
+        self._last_input_s = time.monotonic()
         self._view_image = FoveatedView(
             fovea=fovea,
             periphery=periphery,
@@ -203,6 +220,7 @@ class CaptionNode(Node):
 
     def _on_fixation(self, msg: Fixation) -> None:
         self._fixation = msg
+        self._last_input_s = time.monotonic()
 
     def _on_stats(self, msg: PipelineStats) -> None:
         self._stats = msg
@@ -280,6 +298,7 @@ class CaptionNode(Node):
             caption.region = RegionOfInterest(x_offset=x, y_offset=y, width=w, height=h)
         if request.tag is not None:
             caption.fixation = request.tag
+        self.latency.add("caption", caption.latency_ms)
         self.pub_caption.publish(caption)
         self.pub_text.publish(String(data=result.text))
         self.pub_markers.publish(MarkerArray(markers=[self._marker(result)]))
@@ -311,6 +330,22 @@ class CaptionNode(Node):
             text=result.text if result.kind == "vlm" else f"[events] {result.text}",
             lifetime=Duration(sec=int(lifetime), nanosec=int((lifetime % 1.0) * 1e9)),
         )
+
+    def _publish_diagnostics(self) -> None:
+        now = time.monotonic()
+        counters = dict(self.scheduler.counters)
+        sample = StageSample(
+            name="captions",
+            latency_p99_ms=self.latency.percentile("caption", 99),
+            received=counters.get("captions", 0),
+            drops=counters.get("errors", 0),
+            age_s=None if self._last_input_s is None else now - self._last_input_s,
+            backend=self.scheduler.captioner.name,
+            details={"reason": self._backend_reason, "bad_views": self.bad_views, **counters},
+        )
+        statuses = self.diagnostics.update([sample], now)
+        stamp = self.get_clock().now().to_msg()
+        self.pub_diagnostics.publish(diagnostic_array(statuses, self.get_fully_qualified_name(), "cpu", stamp))
 
     def destroy_node(self):
         self.scheduler.close()

@@ -1,16 +1,20 @@
-"""Core diagnostic statuses -> diagnostic_msgs/DiagnosticArray (for the ``/diagnostics`` topic)."""
+"""Core diagnostic statuses -> diagnostic_msgs/DiagnosticArray (for ``/diagnostics``), and the nodes'
+``diagnostics.*`` threshold parameters."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Iterable
 
 from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from std_msgs.msg import Header
 
-from fovea_vla.core.diagnostics import Status
+from fovea_vla.core.diagnostics import DiagnosticsConfig, Status
+from fovea_vla.nodes.params import ParamSpec
 
-__all__ = ["diagnostic_array"]
+__all__ = ["diagnostic_array", "diagnostics_config", "diagnostics_params"]
 
 
 def diagnostic_array(statuses: Iterable[Status], node_name: str, hardware_id: str, stamp: Time) -> DiagnosticArray:
@@ -35,3 +39,51 @@ def diagnostic_array(statuses: Iterable[Status], node_name: str, hardware_id: st
             for status in statuses
         ],
     )
+
+
+# The thresholds a node exposes as parameters, per stage: the rate and latency limits that have a
+# default (the drop, age and GPU-memory limits keep theirs).
+_TUNABLE = ("warn_rate_hz", "error_rate_hz", "warn_latency_ms", "error_latency_ms")
+
+
+def diagnostics_params(stages: tuple[str, ...]) -> tuple[ParamSpec, ...]:
+    """``diagnostics.rate_hz`` and ``diagnostics.<stage>.<limit>`` for the stages a node runs, with
+    :class:`DiagnosticsConfig`'s defaults; changeable at run time."""
+    defaults = DiagnosticsConfig()
+    specs = [
+        ParamSpec("diagnostics.rate_hz", 1.0, "Rate of /diagnostics; 0 = off [Hz].", range=(0.0, 100.0)),
+    ]
+    for stage in stages:
+        limits = defaults.limits(stage)
+        for name in _TUNABLE:
+            value = getattr(limits, name)
+            if not math.isfinite(value) or value == 0.0:
+                continue
+            what = "rate below" if name.endswith("rate_hz") else "p99 latency above"
+            unit = "Hz" if name.endswith("rate_hz") else "ms"
+            level = name.split("_", 1)[0].upper()
+            specs.append(
+                ParamSpec(
+                    f"diagnostics.{stage}.{name}",
+                    float(value),
+                    f"{stage}: {level} at a {what} this [{unit}].",
+                    range=(0.0, 1e9),
+                    read_only=False,
+                )
+            )
+    return tuple(specs)
+
+
+def diagnostics_config(values: dict[str, object], stages: tuple[str, ...]) -> DiagnosticsConfig:
+    """The :class:`DiagnosticsConfig` the ``diagnostics.*`` values describe (errors name the parameter)."""
+    defaults = DiagnosticsConfig()
+    per_stage = {}
+    for stage in stages:
+        overrides = {
+            name: values[f"diagnostics.{stage}.{name}"] for name in _TUNABLE if f"diagnostics.{stage}.{name}" in values
+        }
+        try:
+            per_stage[stage] = dataclasses.replace(defaults.limits(stage), **overrides)
+        except ValueError as exc:
+            raise ValueError(f"diagnostics.{stage}.{exc}") from exc
+    return dataclasses.replace(defaults, **per_stage)

@@ -10,6 +10,7 @@ stamped with the capture stamp and frame_id of the frame it came from. Services
 from __future__ import annotations
 
 import dataclasses
+import socket
 import sys
 import threading
 import time
@@ -17,7 +18,9 @@ from collections.abc import Callable
 
 import cv2
 import numpy as np
+from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PointStamped
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, JointState, RegionOfInterest
 from std_msgs.msg import Bool, Header, String
@@ -27,6 +30,7 @@ from fovea_vla.bringup import resolve_package_path
 from fovea_vla.core.caption.view import ViewConfig, compose_view
 from fovea_vla.core.coherence import CoherenceConfig
 from fovea_vla.core.decode import DecodeConfig, make_image_decoder, make_video_decoder
+from fovea_vla.core.diagnostics import DiagnosticsMonitor, StageSample
 from fovea_vla.core.encoder import ARCHITECTURES, EncoderConfig
 from fovea_vla.core.fixation import FixationConfig
 from fovea_vla.core.flow import FlowConfig
@@ -42,6 +46,7 @@ from fovea_vla.core.slip_stage import Grasp, SlipStageConfig
 from fovea_vla.core.stats import DropCounter, LatencyTracker, RateMeter
 from fovea_vla.core.texture import TextureConfig
 from fovea_vla.nodes import qos
+from fovea_vla.nodes.diagnostics import diagnostic_array, diagnostics_config, diagnostics_params
 from fovea_vla.nodes.markers import MarkerBuilder, delete_all
 from fovea_vla.nodes.messages import (
     CameraModel,
@@ -57,7 +62,7 @@ from fovea_vla.nodes.messages import (
     slip_msg,
     stage_latencies,
 )
-from fovea_vla.nodes.params import ConfigError, ParamSpec, declare_all
+from fovea_vla.nodes.params import ConfigError, ParamSpec, declare_all, validate_changes
 from fovea_vla.nodes.runner import run_node
 from fovea_vla_msgs.msg import (
     BackendChoice,
@@ -70,6 +75,9 @@ from fovea_vla_msgs.msg import (
     SlipEvent,
 )
 from fovea_vla_msgs.srv import SetFixation, SetInstruction
+
+# The stages fovea_node reports on /diagnostics.
+DIAGNOSED_STAGES = ("ingest", "flow", "texture", "encoder", "fixation", "slip")
 
 PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec(
@@ -108,6 +116,7 @@ PARAMS: tuple[ParamSpec, ...] = (
         500.0,
         "Frames older than this (capture stamp to arrival) are dropped and counted as `stale`; 0 disables the check.",
         range=(0.0, 60000.0),
+        read_only=False,
     ),
     ParamSpec(
         "max_image_pixels", 16_777_216, "Larger frames are refused (counted as `too_large`).", range=(1, 268_435_456)
@@ -382,18 +391,20 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec(
         "slip.flow_preset", "slow", "Flow preset of the slip stage.", choices=("ultrafast", "fast", "medium", "slow")
     ),
-    ParamSpec("debug_image.enabled", True, "Publish `debug_image` (the frame with overlays)."),
+    ParamSpec("debug_image.enabled", True, "Publish `debug_image` (the frame with overlays).", read_only=False),
     ParamSpec(
         "debug_image.max_rate_hz",
         15.0,
         "Upper bound on the debug image rate; 0 = every frame [Hz].",
         range=(0.0, 1000.0),
+        read_only=False,
     ),
     ParamSpec(
         "debug_image.max_width",
         960,
         "Debug images wider than this are downscaled; 0 = full size [px].",
         range=(0, 16384),
+        read_only=False,
     ),
     ParamSpec("markers.depth_m", 1.0, "Distance of the marker plane in front of the camera [m].", range=(0.01, 100.0)),
     ParamSpec("markers.lifetime_s", 0.5, "Marker lifetime; 0 = until replaced [s].", range=(0.0, 60.0)),
@@ -406,6 +417,7 @@ PARAMS: tuple[ParamSpec, ...] = (
         2.0,
         "Rate of `caption_view` (fovea crop + periphery for caption_node), only while subscribed; 0 = off [Hz].",
         range=(0.0, 30.0),
+        read_only=False,
     ),
     ParamSpec(
         "caption_view.fovea_fraction",
@@ -419,6 +431,7 @@ PARAMS: tuple[ParamSpec, ...] = (
     ),
 )
 
+PARAMS += diagnostics_params(DIAGNOSED_STAGES)
 
 # Fixation parameters that map one to one onto FixationConfig fields.
 _FIXATION_FIELDS = tuple(
@@ -565,6 +578,7 @@ class FoveaNode(Node):
                 self.decoder, decode_choice = make_video_decoder(decode_cfg)
             else:
                 self.decoder, decode_choice = make_image_decoder(decode_cfg)
+            self.diagnostics = DiagnosticsMonitor(diagnostics_config(self.params, DIAGNOSED_STAGES))
         except (ValueError, RuntimeError) as exc:
             raise ConfigError(f"fovea_node: invalid configuration: {exc}") from exc
         self.backends = {"decode": decode_choice, **self.pipeline.backends}
@@ -629,6 +643,13 @@ class FoveaNode(Node):
         self._last_size: tuple[int, int] | None = None
         self._last_frame_id = ""
         self.get_logger().info(f"listening on {self.resolve_topic_name(camera_topic)}")
+        self._last_arrival_s: float | None = None
+        self._last_processed_s: float | None = None
+        self.pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", qos.outputs())
+        self._hardware_id = f"{socket.gethostname()} {self.pipeline.device}"
+        if p["diagnostics.rate_hz"] > 0:
+            self.create_timer(1.0 / p["diagnostics.rate_hz"], self._publish_diagnostics)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
         if frame_thread:
             self._frame_thread = threading.Thread(target=self._frame_loop, name="fovea_frames", daemon=True)
             self._frame_thread.start()
@@ -649,7 +670,8 @@ class FoveaNode(Node):
         or process it now without a frame thread."""
         arrival_ns = self.get_clock().now().nanoseconds
         self.frames_received += 1
-        self.input_rate.tick(time.monotonic())
+        self._last_arrival_s = time.monotonic()
+        self.input_rate.tick(self._last_arrival_s)
         if self._frame_thread is None:
             self._decode_and_process(decode, arrival_ns)
         elif self._inbox.put((decode, arrival_ns)):
@@ -703,6 +725,7 @@ class FoveaNode(Node):
             self._drop("pipeline_error", f"{type(exc).__name__}: {exc}")
             return
         self.frames_processed += 1
+        self._last_processed_s = time.monotonic()
         timing = {"decode": decode_ms, **output.timing_ms}
         self.latency.add_all(timing)
         self._publish(output, age_ms, fx)
@@ -828,11 +851,92 @@ class FoveaNode(Node):
             for listener in self._instruction_listeners:
                 listener(text)
 
+    # -- health and run-time parameters ----------------------------------------------------------
+    def _on_set_parameters(self, parameters) -> SetParametersResult:
+        changes, refused = validate_changes(PARAMS, parameters)
+        if refused:
+            return SetParametersResult(successful=False, reason=refused)
+        updated = {**self.params, **changes}
+        if any(name.startswith("diagnostics.") for name in changes):
+            try:
+                self.diagnostics = DiagnosticsMonitor(diagnostics_config(updated, DIAGNOSED_STAGES))
+            except ValueError as exc:
+                return SetParametersResult(successful=False, reason=str(exc))
+        self.params = updated
+        for name, value in changes.items():
+            self.get_logger().info(f"parameter {name} -> {value!r}")
+        return SetParametersResult(successful=True)
+
+    def _stage_samples(self) -> list[StageSample]:
+        now = time.monotonic()
+        arrived = None if self._last_arrival_s is None else now - self._last_arrival_s
+        processed = None if self._last_processed_s is None else now - self._last_processed_s
+
+        def p99(stage: str) -> float:
+            return self.latency.percentile(stage, 99)
+
+        backend = {stage: choice.name for stage, choice in self.backends.items()}
+        drops = self.drops.as_dict()
+        common = {"received": self.frames_processed, "age_s": processed}
+        samples = [
+            StageSample(
+                name="ingest",
+                rate_hz=self.input_rate.rate_hz(),
+                latency_p99_ms=p99("decode"),
+                received=self.frames_received,
+                drops=sum(drops.values()),
+                age_s=arrived,
+                backend=backend.get("decode", ""),
+                details={"frames_processed": self.frames_processed, **{f"drops.{k}": v for k, v in drops.items()}},
+            ),
+            StageSample(name="flow", latency_p99_ms=p99("flow"), backend=backend.get("flow", ""), **common),
+            StageSample(
+                name="texture",
+                latency_p99_ms=p99("upload") + (p99("mips") if "mips" in self.latency.stages() else 0.0),
+                backend=backend.get("texture", ""),
+                **common,
+            ),
+            StageSample(
+                name="fixation",
+                latency_p99_ms=p99("fixation"),
+                details={"frames_reused": self.pipeline.frames_reused},
+                **common,
+            ),
+        ]
+        if self.pipeline.encoder is not None:
+            gpu_mb = None
+            if str(self.pipeline.device).startswith("cuda"):
+                import torch
+
+                gpu_mb = torch.cuda.memory_allocated(self.pipeline.device) / 2**20
+            samples.append(
+                StageSample(
+                    name="encoder",
+                    latency_p99_ms=p99("encoder"),
+                    gpu_memory_mb=gpu_mb,
+                    backend=self.params["encoder.architecture"] or "custom",
+                    **common,
+                )
+            )
+        if self.params["slip.enabled"]:
+            samples.append(StageSample(name="slip", latency_p99_ms=p99("slip"), **common))
+        return samples
+
+    def _publish_diagnostics(self) -> None:
+        statuses = self.diagnostics.update(self._stage_samples(), time.monotonic())
+        stamp = self.get_clock().now().to_msg()
+        self.pub_diagnostics.publish(
+            diagnostic_array(statuses, self.get_fully_qualified_name(), self._hardware_id, stamp)
+        )
+
     def destroy_node(self):
         """Stop the frame thread (it finishes the frame in hand) before the node's entities go."""
         self._inbox.close()
         if self._frame_thread is not None:
             self._frame_thread.join(timeout=5.0)
+        if hasattr(self, "pipeline"):
+            with self._pipeline_lock:
+                self.pipeline.close()
         return super().destroy_node()
 
     # -- outputs ----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
 from rclpy.exceptions import ParameterException
 
-__all__ = ["ConfigError", "ParamSpec", "declare_all", "format_table"]
+__all__ = ["ConfigError", "ParamSpec", "declare_all", "format_table", "validate_changes"]
 
 _TYPES = {
     bool: ParameterType.PARAMETER_BOOL,
@@ -218,3 +218,26 @@ def format_yaml(node_name: str, specs: Sequence[ParamSpec], width: int = 100) ->
             lines += [f"{indent}# {line}" for line in textwrap.wrap(text, width - len(indent) - 2)]
             lines.append(f"{indent}{leaf}: {_yaml_scalar(spec.default)}")
     return "\n".join(lines)
+
+
+def validate_changes(specs: Sequence[ParamSpec], parameters) -> tuple[dict[str, object], str | None]:
+    """Run-time parameter changes checked like startup values: ``({name: value}, None)``, or
+    ``({}, reason)`` naming the first refused parameter. Parameters not in ``specs`` (rclpy's own,
+    such as ``use_sim_time``) are left to rclpy."""
+    by_name = {spec.name: spec for spec in specs}
+    changes = {}
+    for parameter in parameters:
+        spec = by_name.get(parameter.name)
+        if spec is None:
+            continue
+        if spec.read_only:
+            return {}, f"{spec.name} is read-only: changing it needs a restart"
+        try:
+            value = spec.coerce(parameter.value)
+        except ValueError as exc:
+            return {}, str(exc)
+        problem = spec.check(value)
+        if problem:
+            return {}, problem
+        changes[spec.name] = value
+    return changes, None

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from builtin_interfaces.msg import Duration
+from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped, TwistStamped
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
@@ -32,6 +33,7 @@ from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from fovea_vla.bringup import node_values, resolve_package_path
+from fovea_vla.core.diagnostics import DiagnosticsMonitor, StageSample
 from fovea_vla.core.policy.checkpoint import ACTION_SPACES, CheckpointError, load_policy
 from fovea_vla.core.policy.executor import Chunk, ChunkExecutor, Command, ExecutorConfig
 from fovea_vla.core.policy.observation import LatestTokens
@@ -47,8 +49,9 @@ from fovea_vla.core.policy.spaces import (
 from fovea_vla.core.policy.text import TextEncoderConfig, load_text_encoder
 from fovea_vla.core.stats import DropCounter, LatencyTracker, RateMeter
 from fovea_vla.nodes import qos
+from fovea_vla.nodes.diagnostics import diagnostic_array, diagnostics_config, diagnostics_params
 from fovea_vla.nodes.messages import MessageError, joint_positions, ns_to_stamp, stage_latencies, stamp_to_ns
-from fovea_vla.nodes.params import ConfigError, ParamSpec, declare_all
+from fovea_vla.nodes.params import ConfigError, ParamSpec, declare_all, validate_changes
 from fovea_vla_msgs.msg import ActionChunk, DropCount, PolicyStats
 
 # Franka Emika Panda limits (datasheet), the defaults for the default joint names.
@@ -56,6 +59,9 @@ PANDA_POSITION_MIN = (-2.8973, -1.7628, -2.8973, -3.0718, -2.8973, -0.0175, -2.8
 PANDA_POSITION_MAX = (2.8973, 1.7628, 2.8973, -0.0698, 2.8973, 3.7525, 2.8973)
 PANDA_VELOCITY_MAX = (2.175, 2.175, 2.175, 2.175, 2.61, 2.61, 2.61)
 PANDA_ACCELERATION_MAX = (15.0, 7.5, 10.0, 12.5, 15.0, 20.0, 20.0)
+
+# The stages policy_node reports on /diagnostics.
+DIAGNOSED_STAGES = ("policy", "executor")
 
 PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec(
@@ -214,6 +220,7 @@ PARAMS: tuple[ParamSpec, ...] = (
         "state_qos.reliability", "best_effort", "Reliability of joint_states and ee_pose.", choices=qos.RELIABILITIES
     ),
 )
+PARAMS += diagnostics_params(DIAGNOSED_STAGES)
 
 
 @dataclass(frozen=True)
@@ -313,6 +320,7 @@ class PolicyNode(Node):
         try:
             self.params = p = declare_all(self, PARAMS)
             self._configure(encoder_architecture, token_dim)
+            self.diagnostics = DiagnosticsMonitor(diagnostics_config(p, DIAGNOSED_STAGES))
         except (ValueError, RuntimeError, OSError) as exc:
             raise ConfigError(f"policy_node: invalid configuration: {exc}") from exc
         self.instruction = ""
@@ -337,6 +345,10 @@ class PolicyNode(Node):
         self.policy_errors = 0
         self.input_drops = DropCounter()  # refused joint_states / ee_pose messages, "<topic>_<reason>"
         self._stats_header = Header()  # the newest chunk's source stamp and camera frame
+        self._last_tick_s: float | None = None
+        self.pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", qos.outputs())
+        if p["diagnostics.rate_hz"] > 0:
+            self.create_timer(1.0 / p["diagnostics.rate_hz"], self._publish_diagnostics)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         # The control tick and the e-stop share one group: a tick never publishes after the e-stop's hold.
         control_group = MutuallyExclusiveCallbackGroup()
@@ -453,15 +465,56 @@ class PolicyNode(Node):
         return self._seconds(self.get_clock().now().nanoseconds)
 
     def _on_set_parameters(self, parameters) -> SetParametersResult:
-        for parameter in parameters:
-            if parameter.name == "enable_actions":
-                if not isinstance(parameter.value, bool):
-                    return SetParametersResult(successful=False, reason="enable_actions must be a bool")
-                if parameter.value and not self.params["enable_actions"]:
-                    self._reanchor = True  # the dry run's command may be far from the arm
-                self.params["enable_actions"] = parameter.value
-                self.get_logger().warning(f"enable_actions -> {parameter.value}")
+        changes, refused = validate_changes(PARAMS, parameters)
+        if refused:
+            return SetParametersResult(successful=False, reason=refused)
+        updated = {**self.params, **changes}
+        if any(name.startswith("diagnostics.") for name in changes):
+            try:
+                self.diagnostics = DiagnosticsMonitor(diagnostics_config(updated, DIAGNOSED_STAGES))
+            except ValueError as exc:
+                return SetParametersResult(successful=False, reason=str(exc))
+        if changes.get("enable_actions") and not self.params["enable_actions"]:
+            self._reanchor = True  # the dry run's command may be far from the arm
+        self.params = updated
+        for name, value in changes.items():
+            log = self.get_logger().warning if name == "enable_actions" else self.get_logger().info
+            log(f"parameter {name} -> {value!r}")
         return SetParametersResult(successful=True)
+
+    def _publish_diagnostics(self) -> None:
+        now = time.monotonic()
+        now_ns = self.get_clock().now().nanoseconds
+        with self._lock:
+            counters = dict(self.chunk_executor.counters)
+        interventions = sum(v for k, v in counters.items() if k.startswith(("clamped_", "stops_", "rejected_")))
+        samples = [
+            StageSample(
+                name="policy",
+                rate_hz=self.policy_rate.rate_hz(),
+                latency_p99_ms=self.latency.percentile("head", 99),
+                received=self.chunks_predicted,
+                drops=self.policy_errors,
+                age_s=(now_ns - self.last_frame_ns) * 1e-9 if self.last_frame_ns else None,
+                backend=self.device_label,
+                details={"policy": self.policy_name, "status": self._stats(self._stats_header).status},
+            ),
+            StageSample(
+                name="executor",
+                rate_hz=self.control_rate.rate_hz(),
+                latency_p99_ms=self.latency.percentile("executor", 99),
+                received=self.commands_published,
+                interventions=interventions,
+                age_s=None if self._last_tick_s is None else now - self._last_tick_s,
+                details={"actions_enabled": self.params["enable_actions"], **counters},
+            ),
+        ]
+        statuses = self.diagnostics.update(samples, now)
+        self.pub_diagnostics.publish(
+            diagnostic_array(
+                statuses, self.get_fully_qualified_name(), self.device_label, self.get_clock().now().to_msg()
+            )
+        )
 
     # -- inputs ----------------------------------------------------------------------------
     def set_instruction(self, text: str) -> None:
@@ -567,7 +620,7 @@ class PolicyNode(Node):
         period_s = 1.0 / self.params["policy.rate_hz"]
         seen, next_s = 0, 0.0
         while not self._stopping.is_set():
-            published = self.tokens.wait_for_new(seen, timeout_s=0.5)
+            published = self.tokens.wait_for_new(seen, timeout_s=0.1)
             if published == seen:
                 continue
             seen = published
@@ -693,7 +746,8 @@ class PolicyNode(Node):
             )
             changed, self._stop_logged = command.stopped != self._stop_logged, command.stopped
         self._last_command = command
-        self.control_rate.tick(time.monotonic())
+        self._last_tick_s = time.monotonic()
+        self.control_rate.tick(self._last_tick_s)
         if changed and command.stopped == "no_chunk":
             self.get_logger().info("holding position: no chunk to follow")
         elif changed and command.stopped:
@@ -709,6 +763,20 @@ class PolicyNode(Node):
         if self.params["enable_actions"] and not self._reanchor:
             self._publish_command(command, points)
         self.latency.add("executor", (time.perf_counter() - start) * 1e3)
+
+    def stop_commands(self, reason: str) -> None:
+        """Command a stop now, from the last commanded position: a zero twist, a one-point hold
+        trajectory, the same joint positions (process shutdown; a dry run sends nothing)."""
+        if not (self._started and self.params["enable_actions"]):
+            return
+        with self._lock:
+            position = self.chunk_executor.position
+            hold_s = self._now_s() + self.chunk_executor.cfg.period_s
+        zeros = np.zeros_like(position)
+        stamp_ns = self._last_command.stamp_ns if self._last_command is not None else 0
+        hold = Command(hold_s, position, zeros, zeros.copy(), stamp_ns, reason, frozenset())
+        self._publish_command(hold, [hold] if self._trajectory_points else [])
+        self.get_logger().warning(f"{reason}: commanded a stop (hold at the last commanded position)")
 
     def _publish_command(self, command: Command, points: list[Command]) -> None:
         now_ns = self.get_clock().now().nanoseconds

@@ -14,11 +14,12 @@ from __future__ import annotations
 import sys
 
 import rclpy
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 
 from fovea_vla.core.policy.observation import LatestTokens
 from fovea_vla.nodes.fovea_node import FoveaNode
 from fovea_vla.nodes.policy_node import PolicyNode
+from fovea_vla.nodes.runner import init, spin_until_signal
 
 __all__ = ["NODE_NAMES", "build", "main"]
 
@@ -53,7 +54,7 @@ def build(**node_kwargs) -> tuple[FoveaNode, PolicyNode]:
 
 
 def main(args=None) -> int:
-    rclpy.init(args=args)
+    init(args)
     nodes = ()
     executor = None
     try:
@@ -65,13 +66,14 @@ def main(args=None) -> int:
         executor = SingleThreadedExecutor()
         for node in nodes:
             executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
+        # policy_node first: its stop goes out before anything is torn down.
+        spin_until_signal(executor, nodes[::-1])
+    except KeyboardInterrupt:
+        pass  # Ctrl-C while the nodes were still starting
     finally:
         if executor is not None:
-            executor.shutdown(timeout_sec=2.0)  # let running callbacks finish before the nodes go
-        for node in nodes:
+            executor.shutdown(timeout_sec=2.0)
+        for node in nodes[::-1]:
             node.destroy_node()
         rclpy.try_shutdown()
     return 0

@@ -67,13 +67,19 @@ def caption_graph():
 def test_vlm_captions_arrive_at_the_rate_with_the_described_frames_stamps(ros_probe, tiny_vlm, tmp_path):
     params = {
         "camera_replay": {**REPLAY, "synthetic.num_objects": 3},
-        "caption_node": {"caption.model_path": str(tiny_vlm), "caption.rate_hz": RATE_HZ, "caption.max_new_tokens": 4},
+        "caption_node": {
+            "caption.model_path": str(tiny_vlm),
+            "caption.rate_hz": RATE_HZ,
+            "caption.max_new_tokens": 4,
+            "caption.nice": 0,
+        },
     }
     out = Captions(ros_probe, "cap")
     with GraphProcesses(caption_graph(), namespace="cap", parameters=params, log_dir=tmp_path) as processes:
         ros_probe.wait_for(lambda: len(out.of_kind(Caption.KIND_VLM)) >= 6, STARTUP_S, "six VLM captions", processes)
         latched: list[String] = []
         ros_probe.node.create_subscription(String, "/cap/caption_text", latched.append, LATCHED)
+
         def texts() -> set[str]:
             return {c.text for _, c in out.captions}
 
@@ -83,7 +89,7 @@ def test_vlm_captions_arrive_at_the_rate_with_the_described_frames_stamps(ros_pr
             "the latched caption text and the marker of a received caption",
             processes,
         )
-        codes = processes.stop()
+        codes = processes.stop(timeout_s=15.0)  # two nodes load models: teardown takes seconds under load
     assert codes == {"camera_replay": 0, "fovea_node": 0, "caption_node": 0}, f"logs in {tmp_path}"
 
     captions = out.of_kind(Caption.KIND_VLM)
@@ -109,7 +115,12 @@ def test_a_still_scene_gets_no_new_vlm_call_and_a_missing_model_falls_back_to_ev
     params = {
         "camera_replay": {**REPLAY, "synthetic.num_objects": 0},
         "fovea_node": still_gaze,
-        "caption_node": {"caption.model_path": str(tiny_vlm), "caption.rate_hz": RATE_HZ, "caption.max_new_tokens": 4},
+        "caption_node": {
+            "caption.model_path": str(tiny_vlm),
+            "caption.rate_hz": RATE_HZ,
+            "caption.max_new_tokens": 4,
+            "caption.nice": 0,
+        },
     }
     # A second captioner on the same pipeline, told to use a model folder that does not exist.
     fallback = NodeSpec(
@@ -117,7 +128,12 @@ def test_a_still_scene_gets_no_new_vlm_call_and_a_missing_model_falls_back_to_ev
         "caption_node",
         "caption_fallback",
         config_files("cpu.yaml"),
-        {"caption.backend": "vlm", "caption.model_path": str(tmp_path / "no_such_model"), "caption.rate_hz": RATE_HZ},
+        {
+            "caption.backend": "vlm",
+            "caption.model_path": str(tmp_path / "no_such_model"),
+            "caption.rate_hz": RATE_HZ,
+            "caption.nice": 0,
+        },
         (("caption", "caption_fallback"), ("caption_text", "caption_fallback_text"), ("markers", "fallback_markers")),
     )
     out = Captions(ros_probe, "still")
@@ -128,7 +144,7 @@ def test_a_still_scene_gets_no_new_vlm_call_and_a_missing_model_falls_back_to_ev
         views_then = len(out.views)
         ros_probe.wait_for(lambda: len(out.views) >= views_then + 8, 60.0, "eight more caption views", processes)
         ros_probe.wait_for(lambda: events.captions, 30.0, "event captions from the fallback", processes)
-        codes = processes.stop()
+        codes = processes.stop(timeout_s=15.0)  # two nodes load models: teardown takes seconds under load
     assert codes == {"camera_replay": 0, "fovea_node": 0, "caption_node": 0, "caption_fallback": 0}
     assert len(out.of_kind(Caption.KIND_VLM)) == 1, [c.text for c in out.of_kind(Caption.KIND_VLM)]
 

@@ -4,6 +4,8 @@ processes, the test process publishing the robot state and listening to the comm
 from __future__ import annotations
 
 import itertools
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -264,3 +266,27 @@ def test_invalid_policy_parameters_are_refused_at_startup_naming_them(tmp_path, 
     output = (tmp_path / "vla_stack.log").read_text()
     assert process.returncode == 2, output
     assert "FATAL" in output and needle in output and "Traceback" not in output, output
+
+
+def test_sigterm_commands_a_stop_first_then_exits_cleanly(ros_probe, tmp_path_factory):
+    processes, robot = start_stack(ros_probe, tmp_path_factory, "term", "joint_position", enable_actions=True)
+    try:
+        ros_probe.wait_for(
+            lambda: sum(moving(t) for t in robot.trajectories) >= 5, STARTUP_S, "moving trajectories", processes
+        )
+        stack = processes.processes["vla_stack"]
+        stack.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30.0
+        while stack.poll() is None and time.monotonic() < deadline:
+            ros_probe.executor.spin_once(timeout_sec=0.05)
+        for _ in range(20):  # the last messages may still be in flight
+            ros_probe.executor.spin_once(timeout_sec=0.05)
+        assert stack.returncode == 0
+        last = robot.trajectories[-1]
+        assert len(last.points) == 1 and not any(last.points[0].velocities)  # a hold, not a plan
+        previous = robot.trajectories[-2]
+        assert np.allclose(last.points[0].positions, previous.points[0].positions, atol=0.05)
+        log = (processes.log_dir / "vla_stack.log").read_text()
+        assert "shutdown: commanded a stop" in log
+    finally:
+        stop_stack(processes, robot)

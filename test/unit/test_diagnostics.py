@@ -308,3 +308,27 @@ def test_diagnostic_array_adapter():
     values = {kv.key: kv.value for kv in array.status[0].values}
     assert values["backend"] == "nvof" and values["latency_p99_ms"] == "4"
     assert [(kv.key, kv.value) for kv in array.status[3].values] == [("received", "0"), ("drops", "0")]
+
+
+def test_threshold_parameters_map_onto_the_config_and_bad_ones_are_named():
+    from rclpy.parameter import Parameter
+
+    from fovea_vla.nodes.diagnostics import diagnostics_config, diagnostics_params
+    from fovea_vla.nodes.params import validate_changes
+
+    specs = diagnostics_params(("ingest", "flow"))
+    names = [spec.name for spec in specs]
+    assert names[0] == "diagnostics.rate_hz"
+    assert "diagnostics.ingest.warn_rate_hz" in names and "diagnostics.flow.error_latency_ms" in names
+    assert "diagnostics.flow.warn_rate_hz" not in names  # flow has no rate limit to tune
+    values = {spec.name: spec.default for spec in specs} | {"diagnostics.flow.warn_latency_ms": 7.0}
+    cfg = diagnostics_config(values, ("ingest", "flow"))
+    assert cfg.flow.warn_latency_ms == 7.0 and cfg.ingest == DiagnosticsConfig().ingest
+    with pytest.raises(ValueError, match=r"diagnostics\.flow\.warn_latency_ms=70\.0: must not exceed"):
+        diagnostics_config(values | {"diagnostics.flow.warn_latency_ms": 70.0}, ("ingest", "flow"))
+    changes, refused = validate_changes(specs, [Parameter("diagnostics.flow.warn_latency_ms", value=3)])
+    assert changes == {"diagnostics.flow.warn_latency_ms": 3.0} and refused is None
+    _, refused = validate_changes(specs, [Parameter("diagnostics.rate_hz", value=2.0)])
+    assert refused == "diagnostics.rate_hz is read-only: changing it needs a restart"
+    _, refused = validate_changes(specs, [Parameter("diagnostics.flow.warn_latency_ms", value="fast")])
+    assert refused.startswith("diagnostics.flow.warn_latency_ms='fast': expected float")
