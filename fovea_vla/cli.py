@@ -456,6 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sim_parsers(sub)
 
+    from fovea_vla.soak import add_soak_parser
+
+    add_soak_parser(sub)
+
     bench = sub.add_parser("bench", help="benchmarks; print a table and append it to docs/BENCHMARKS.md")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     pipeline = bench_sub.add_parser("pipeline", help="per-stage time of the in-process pipeline")

@@ -29,19 +29,9 @@ import time
 from pathlib import Path
 
 from fovea_vla.bench.common import summarize
+from fovea_vla.bench.ros_graph import STATE_RATE_HZ, cpu_seconds, graph_parameters, resolve_config, state_publisher
 
 __all__ = ["format_table", "run"]
-
-POLICY = "package://fovea_vla/policies/tabletop_push"
-ENCODER = "package://fovea_vla/policies/tabletop_push/encoder.safetensors"
-_STATE_RATE_HZ = 100.0
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time [s] of a process and its finished children (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class _Meter:
@@ -99,30 +89,6 @@ class _Meter:
         self.policy_stats = msg
 
 
-def _state_messages(node):
-    """Publishers of a fixed robot state (the policy waits for one) and a function that publishes it."""
-    from geometry_msgs.msg import PoseStamped
-    from sensor_msgs.msg import JointState
-
-    from fovea_vla.nodes import qos
-
-    pose_pub = node.create_publisher(PoseStamped, "ee_pose", qos.sensor("reliable", 5))
-    joints_pub = node.create_publisher(JointState, "joint_states", qos.sensor("reliable", 5))
-
-    def publish() -> None:
-        stamp = node.get_clock().now().to_msg()
-        pose = PoseStamped()
-        pose.header.stamp, pose.header.frame_id = stamp, "panda_link0"
-        pose.pose.position.x, pose.pose.position.z = 0.5, 0.3
-        pose.pose.orientation.x, pose.pose.orientation.w = 1.0, 0.0  # gripper pointing down
-        pose_pub.publish(pose)
-        joints = JointState(name=["panda_finger_joint1"], position=[0.04])
-        joints.header.stamp = stamp
-        joints_pub.publish(joints)
-
-    return publish
-
-
 def _drops(stats, before) -> dict[str, int]:
     counts = {d.reason: int(d.count) for d in stats.drops}
     if before is not None:
@@ -164,40 +130,22 @@ def run_one(
     full_graph = node_graph(config=config, use_replay=True, policy=True, replay_source="synthetic", captions=True)
     graph = [spec for spec in full_graph if spec.name in ("camera_replay", "vla_stack")]
     caption_spec = next(spec for spec in full_graph if spec.name == "caption_node")
-    jpeg = transport == "jpeg"
-    overrides = {
-        "camera_replay": {
-            "rate_hz": float(fps),
-            "synthetic.width": width,
-            "synthetic.height": height,
-            "synthetic.fps": float(fps),
-            "synthetic.camera_motion": True,
-            "transport": "compressed" if jpeg else "raw",
-        },
-        "fovea_node": {
-            "image_transport": "compressed" if jpeg else "raw",
-            "sensor_qos.reliability": sensor_reliability,
-            "encoder.architecture": "vit_tiny_patch16",
-            "encoder.checkpoint": ENCODER,
-            "instruction": "push the red block to the left",
-            "debug_image.enabled": False,
-        },
-        "policy_node": {
-            "policy.checkpoint": POLICY,
-            "policy.rate_hz": float(policy_rate_hz),
-            "action_space": "ee_pose",
-            "max_observation_age_ms": 1000.0,
-            "enable_actions": False,
-            "text_encoder.path": text_encoder,
-        },
-        "caption_node": {"caption.model_path": caption_model, "caption.rate_hz": 1.0, "caption.max_new_tokens": 40},
-    }
+    overrides = graph_parameters(
+        width=width,
+        height=height,
+        fps=fps,
+        transport=transport,
+        policy_rate_hz=policy_rate_hz,
+        sensor_reliability=sensor_reliability,
+        text_encoder=text_encoder,
+        caption_model=caption_model,
+    )
     rclpy.init()
     node = rclpy.create_node("fovea_bench_e2e")
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     meter = _Meter(node)
-    publish_state = _state_messages(node)
+    publish_state = state_publisher(node)
     processes = GraphProcesses(graph, parameters=overrides, log_dir=log_dir).start()
     next_state = time.monotonic()
 
@@ -209,7 +157,7 @@ def run_one(
                 raise RuntimeError(f"node(s) exited {failed}; see {log_dir}")
             if time.monotonic() >= next_state:
                 publish_state()
-                next_state += 1.0 / _STATE_RATE_HZ
+                next_state += 1.0 / STATE_RATE_HZ
             executor.spin_once(timeout_sec=0.002)
 
     try:
@@ -221,7 +169,7 @@ def run_one(
         spin_until(time.monotonic() + warmup_s)
         meter.stage_ms.clear()
         pids = {name: proc.pid for name, proc in processes.processes.items()} | {"bench (this process)": os.getpid()}
-        cpu_before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         infos_before, stats_before, policy_before = meter.infos, meter.stats, meter.policy_stats
         phases: dict[str, dict[str, list[float]]] = {}
         start = time.monotonic()
@@ -248,7 +196,7 @@ def run_one(
                 captioner.stop()
         meter.fixation_ms, meter.chunk_ms = phases["off"]["fixation"], phases["off"]["chunk"]
         wall_s = time.monotonic() - start
-        cpu = {name: 100.0 * (_cpu_seconds(pid) - cpu_before[name]) / wall_s for name, pid in pids.items()}
+        cpu = {name: 100.0 * (cpu_seconds(pid) - cpu_before[name]) / wall_s for name, pid in pids.items()}
         infos_after, stats_after, policy_after = meter.infos, meter.stats, meter.policy_stats
     finally:
         exit_codes = processes.stop()
@@ -324,10 +272,7 @@ def run(
     """Every (transport, rate) combination, one fresh graph each; ``{"runs": [...]}``."""
     from fovea_vla.demo import ros_environment
 
-    if config == "auto":
-        import torch
-
-        config = "desktop_gpu.yaml" if torch.cuda.is_available() else "cpu.yaml"
+    config = resolve_config(config)
     os.environ.update({k: v for k, v in ros_environment(domain_id).items() if k.startswith("ROS_")})
     runs = []
     for transport in transports:

@@ -29,7 +29,13 @@ def spin_until_signal(executor, nodes) -> None:
     """Spin ``executor`` until SIGINT / SIGTERM (or an external shutdown), then call each node's
     ``stop_commands()`` (where it has one) before returning."""
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in _SIGNALS}
+    received: list[int] = []
+
+    def on_signal(signum, _frame) -> None:
+        received.append(signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in _SIGNALS}
     try:
         while not stop.is_set() and rclpy.ok():
             executor.spin_once(timeout_sec=0.05)
@@ -38,6 +44,9 @@ def spin_until_signal(executor, nodes) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if received and nodes:
+            # Who stopped a node is otherwise invisible: a signalled exit is a clean exit.
+            nodes[0].get_logger().info(f"{signal.Signals(received[0]).name} received: shutting down")
         if rclpy.ok():
             for node in nodes:
                 stop_commands = getattr(node, "stop_commands", None)
