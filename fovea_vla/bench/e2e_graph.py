@@ -194,6 +194,9 @@ def run_one(
             recorded["seconds"] += time.monotonic() - phase_start
             if captioner is not None:
                 captioner.stop()
+                # This process did not spin while caption_node stopped: let what queued up meanwhile
+                # arrive unrecorded, or the next phase would time this process's pause.
+                spin_until(time.monotonic() + max(2.0, warmup_s))
         meter.fixation_ms, meter.chunk_ms = phases["off"]["fixation"], phases["off"]["chunk"]
         wall_s = time.monotonic() - start
         cpu = {name: 100.0 * (cpu_seconds(pid) - cpu_before[name]) / wall_s for name, pid in pids.items()}

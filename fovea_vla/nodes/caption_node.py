@@ -81,6 +81,12 @@ PARAMS: tuple[ParamSpec, ...] = (
         "caption.nice", 10, "Scheduling niceness of the captioner process (higher yields the CPU).", range=(0, 19)
     ),
     ParamSpec(
+        "caption.sched_idle",
+        True,
+        "Run the captioner under SCHED_IDLE (Linux): only on CPU time the action path leaves free; captions "
+        "slow down on a saturated CPU instead of the action path.",
+    ),
+    ParamSpec(
         "caption.change_threshold",
         3.0,
         "Mean grey-level difference of the view's thumbnails that counts as a changed scene.",
@@ -157,7 +163,11 @@ class CaptionNode(Node):
         except ValueError as exc:
             raise ConfigError(f"caption_node: invalid configuration: {exc}") from exc
         p = self.params
-        os.nice(p["caption.nice"])  # before the model's threads exist, so they inherit it
+        # Before the model's threads exist, so they inherit it: SCHED_IDLE runs the captioner only on CPU
+        # time nothing else wants (a niced thread still takes its share on a saturated machine).
+        os.nice(p["caption.nice"])
+        if p["caption.sched_idle"] and hasattr(os, "SCHED_IDLE"):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         captioner, reason = make_captioner(cfg)
         log = self.get_logger().error if cfg.backend == "vlm" and captioner.kind != "vlm" else self.get_logger().info
         log(f"caption backend: {captioner.name} ({reason})")

@@ -11,10 +11,10 @@ from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from std_msgs.msg import Header
 
-from fovea_vla.core.diagnostics import DiagnosticsConfig, Status
-from fovea_vla.nodes.params import ParamSpec
+from fovea_vla.core.diagnostics import DiagnosticsConfig, DiagnosticsMonitor, Status
+from fovea_vla.nodes.params import ParamSpec, validate_changes
 
-__all__ = ["diagnostic_array", "diagnostics_config", "diagnostics_params"]
+__all__ = ["checked_parameter_changes", "diagnostic_array", "diagnostics_config", "diagnostics_params"]
 
 
 def diagnostic_array(statuses: Iterable[Status], node_name: str, hardware_id: str, stamp: Time) -> DiagnosticArray:
@@ -87,3 +87,21 @@ def diagnostics_config(values: dict[str, object], stages: tuple[str, ...]) -> Di
         except ValueError as exc:
             raise ValueError(f"diagnostics.{stage}.{exc}") from exc
     return dataclasses.replace(defaults, **per_stage)
+
+
+def checked_parameter_changes(
+    specs, parameters, current: dict[str, object], stages: tuple[str, ...]
+) -> tuple[dict[str, object], DiagnosticsMonitor | None, str | None]:
+    """A node's on-set-parameters check: ``(updated values, a new monitor when a threshold changed, None)``
+    or ``(current, None, reason)`` naming the refused parameter."""
+    changes, refused = validate_changes(specs, parameters)
+    if refused:
+        return current, None, refused
+    updated = {**current, **changes}
+    monitor = None
+    if any(name.startswith("diagnostics.") for name in changes):
+        try:
+            monitor = DiagnosticsMonitor(diagnostics_config(updated, stages))
+        except ValueError as exc:
+            return current, None, str(exc)
+    return updated, monitor, None

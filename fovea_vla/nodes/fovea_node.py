@@ -46,7 +46,12 @@ from fovea_vla.core.slip_stage import Grasp, SlipStageConfig
 from fovea_vla.core.stats import DropCounter, LatencyTracker, RateMeter
 from fovea_vla.core.texture import TextureConfig
 from fovea_vla.nodes import qos
-from fovea_vla.nodes.diagnostics import diagnostic_array, diagnostics_config, diagnostics_params
+from fovea_vla.nodes.diagnostics import (
+    checked_parameter_changes,
+    diagnostic_array,
+    diagnostics_config,
+    diagnostics_params,
+)
 from fovea_vla.nodes.markers import MarkerBuilder, delete_all
 from fovea_vla.nodes.messages import (
     CameraModel,
@@ -62,7 +67,7 @@ from fovea_vla.nodes.messages import (
     slip_msg,
     stage_latencies,
 )
-from fovea_vla.nodes.params import ConfigError, ParamSpec, declare_all, validate_changes
+from fovea_vla.nodes.params import ConfigError, ParamSpec, declare_all
 from fovea_vla.nodes.runner import run_node
 from fovea_vla_msgs.msg import (
     BackendChoice,
@@ -853,15 +858,12 @@ class FoveaNode(Node):
 
     # -- health and run-time parameters ----------------------------------------------------------
     def _on_set_parameters(self, parameters) -> SetParametersResult:
-        changes, refused = validate_changes(PARAMS, parameters)
+        updated, monitor, refused = checked_parameter_changes(PARAMS, parameters, self.params, DIAGNOSED_STAGES)
         if refused:
             return SetParametersResult(successful=False, reason=refused)
-        updated = {**self.params, **changes}
-        if any(name.startswith("diagnostics.") for name in changes):
-            try:
-                self.diagnostics = DiagnosticsMonitor(diagnostics_config(updated, DIAGNOSED_STAGES))
-            except ValueError as exc:
-                return SetParametersResult(successful=False, reason=str(exc))
+        if monitor is not None:
+            self.diagnostics = monitor
+        changes = {name: value for name, value in updated.items() if value != self.params[name]}
         self.params = updated
         for name, value in changes.items():
             self.get_logger().info(f"parameter {name} -> {value!r}")

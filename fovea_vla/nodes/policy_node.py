@@ -49,9 +49,14 @@ from fovea_vla.core.policy.spaces import (
 from fovea_vla.core.policy.text import TextEncoderConfig, load_text_encoder
 from fovea_vla.core.stats import DropCounter, LatencyTracker, RateMeter
 from fovea_vla.nodes import qos
-from fovea_vla.nodes.diagnostics import diagnostic_array, diagnostics_config, diagnostics_params
+from fovea_vla.nodes.diagnostics import (
+    checked_parameter_changes,
+    diagnostic_array,
+    diagnostics_config,
+    diagnostics_params,
+)
 from fovea_vla.nodes.messages import MessageError, joint_positions, ns_to_stamp, stage_latencies, stamp_to_ns
-from fovea_vla.nodes.params import ConfigError, ParamSpec, declare_all, validate_changes
+from fovea_vla.nodes.params import ConfigError, ParamSpec, declare_all
 from fovea_vla_msgs.msg import ActionChunk, DropCount, PolicyStats
 
 # Franka Emika Panda limits (datasheet), the defaults for the default joint names.
@@ -465,15 +470,12 @@ class PolicyNode(Node):
         return self._seconds(self.get_clock().now().nanoseconds)
 
     def _on_set_parameters(self, parameters) -> SetParametersResult:
-        changes, refused = validate_changes(PARAMS, parameters)
+        updated, monitor, refused = checked_parameter_changes(PARAMS, parameters, self.params, DIAGNOSED_STAGES)
         if refused:
             return SetParametersResult(successful=False, reason=refused)
-        updated = {**self.params, **changes}
-        if any(name.startswith("diagnostics.") for name in changes):
-            try:
-                self.diagnostics = DiagnosticsMonitor(diagnostics_config(updated, DIAGNOSED_STAGES))
-            except ValueError as exc:
-                return SetParametersResult(successful=False, reason=str(exc))
+        if monitor is not None:
+            self.diagnostics = monitor
+        changes = {name: value for name, value in updated.items() if value != self.params[name]}
         if changes.get("enable_actions") and not self.params["enable_actions"]:
             self._reanchor = True  # the dry run's command may be far from the arm
         self.params = updated
