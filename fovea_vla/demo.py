@@ -33,6 +33,9 @@ DROP_EXPLANATIONS = {
     "transport_superseded": "published but replaced in fovea_node's depth-1 best-effort queue by a newer frame "
     "while it was busy (sensor-data QoS: always process the newest frame)",
     "stale": "older than max_frame_age_ms when it arrived",
+    "superseded": "received, but a newer frame arrived before fovea_node's frame thread took it (its queue is "
+    "sensor_qos.depth deep: the newest frames win)",
+    "future_stamp": "stamped further in the future than max_frame_age_ms (a wrong camera clock)",
 }
 
 
