@@ -14,6 +14,7 @@ so neither the node's own callbacks nor the action path in the other processes w
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 
@@ -42,6 +43,7 @@ from fovea_vla.core.caption import (
 )
 from fovea_vla.core.caption.vlm import DEFAULT_PROMPT
 from fovea_vla.core.diagnostics import DiagnosticsMonitor, StageSample
+from fovea_vla.core.frames import image_to_rgb
 from fovea_vla.core.stats import LatencyTracker
 from fovea_vla.nodes import qos
 from fovea_vla.nodes.diagnostics import diagnostic_array, diagnostics_config, diagnostics_params
@@ -144,9 +146,8 @@ def caption_config(values: dict) -> CaptionConfig:
 
 
 def _image_array(msg) -> np.ndarray:
-    if msg.encoding != "rgb8" or msg.step != msg.width * 3 or len(msg.data) != msg.step * msg.height:
-        raise ValueError(f"expected a packed rgb8 image, got {msg.encoding} {msg.width}x{msg.height} step {msg.step}")
-    return np.frombuffer(msg.data, dtype=np.uint8).reshape(msg.height, msg.width, 3)
+    """RGB of a sensor_msgs/Image through the package's converter (raises FrameError, a ValueError)."""
+    return image_to_rgb(msg.data, msg.width, msg.height, msg.encoding, msg.step, bool(msg.is_bigendian))
 
 
 class CaptionNode(Node):
@@ -206,6 +207,8 @@ class CaptionNode(Node):
         self.latency = LatencyTracker()
         self._last_input_s: float | None = None
         self._backend_reason = reason
+        model = getattr(captioner, "model", None)
+        self._hardware_id = f"{socket.gethostname()} {model.device if model is not None else 'cpu'}"
         self.pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", qos.outputs())
         if p["diagnostics.rate_hz"] > 0:
             self.create_timer(1.0 / p["diagnostics.rate_hz"], self._publish_diagnostics)
@@ -355,7 +358,9 @@ class CaptionNode(Node):
         )
         statuses = self.diagnostics.update([sample], now)
         stamp = self.get_clock().now().to_msg()
-        self.pub_diagnostics.publish(diagnostic_array(statuses, self.get_fully_qualified_name(), "cpu", stamp))
+        self.pub_diagnostics.publish(
+            diagnostic_array(statuses, self.get_fully_qualified_name(), self._hardware_id, stamp)
+        )
 
     def destroy_node(self):
         self.scheduler.close()

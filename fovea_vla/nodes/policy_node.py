@@ -499,7 +499,7 @@ class PolicyNode(Node):
                 drops=self.policy_errors,
                 age_s=(now_ns - self.last_frame_ns) * 1e-9 if self.last_frame_ns else None,
                 backend=self.device_label,
-                details={"policy": self.policy_name, "status": self._stats(self._stats_header).status},
+                details={"policy": self.policy_name, "status": self._status()},
             ),
             StageSample(
                 name="executor",
@@ -841,9 +841,15 @@ class PolicyNode(Node):
     def _publish_stats(self) -> None:
         self.pub_stats.publish(self._stats(self._stats_header))
 
-    def _stats(self, header: Header) -> PolicyStats:
+    def _status(self) -> str:
+        """``waiting`` (no command yet), ``stopped: <reason>`` or ``running``."""
         command = self._last_command
-        status = "waiting" if command is None else (f"stopped: {command.stopped}" if command.stopped else "running")
+        if command is None:
+            return "waiting"
+        return f"stopped: {command.stopped}" if command.stopped else "running"
+
+    def _stats(self, header: Header) -> PolicyStats:
+        status = self._status()
         now_ns = self.get_clock().now().nanoseconds
         counters = dict(self.chunk_executor.counters)
         if self.policy_errors:
