@@ -1,7 +1,8 @@
 """camera_replay: publishes frames from a video, an image folder, a rosbag2 bag or the built-in
 synthetic scene as a camera would: ``image`` and/or ``image/compressed``, or ``image/video``
 (fovea_vla_msgs/CompressedVideo, H.264 / H.265 packets), plus ``camera_info``, stamped with the
-time each frame is published (its capture time, as far as the graph knows).
+time each frame is published (its capture time, as far as the graph knows; compressed frames once
+encoded, as a camera that delivers JPEG or H.264 stamps them).
 """
 
 from __future__ import annotations
@@ -162,15 +163,21 @@ class CameraReplay(Node):
             self.timer.cancel()
             self.get_logger().info(f"source finished after {self.published} frames")
             return
-        header = Header(stamp=self.get_clock().now().to_msg(), frame_id=p["frame_id"])
         rgb = frame.rgb
-        if self.pub_image is not None:
-            self.pub_image.publish(image_msg(rgb, header, p["encoding"]))
+        # Compressed frames are encoded before the stamp is taken, as by a camera that delivers JPEG or
+        # H.264 itself (an MJPEG / UVC camera's driver stamps a buffer it dequeues already encoded):
+        # this replay's software encoder stands in for the camera's hardware, not for the graph.
+        data = packet = None
         if self.pub_compressed is not None:
             data = rgb_to_compressed(rgb, p["compressed_format"], quality=p["jpeg_quality"])
-            self.pub_compressed.publish(CompressedImage(header=header, format=p["compressed_format"], data=data))
         if self.pub_video is not None:
             packet = self.encoder.encode(rgb)
+        header = Header(stamp=self.get_clock().now().to_msg(), frame_id=p["frame_id"])
+        if self.pub_image is not None:
+            self.pub_image.publish(image_msg(rgb, header, p["encoding"]))
+        if data is not None:
+            self.pub_compressed.publish(CompressedImage(header=header, format=p["compressed_format"], data=data))
+        if packet is not None:
             self.pub_video.publish(
                 CompressedVideo(timestamp=header.stamp, frame_id=header.frame_id, data=packet, format=p["video.format"])
             )

@@ -78,6 +78,7 @@ from fovea_vla_msgs.msg import (
     FixationArray,
     PipelineStats,
     SlipEvent,
+    StageLatency,
 )
 from fovea_vla_msgs.srv import SetFixation, SetInstruction
 
@@ -418,6 +419,13 @@ PARAMS: tuple[ParamSpec, ...] = (
     ),
     ParamSpec("markers.show_patches", True, "Draw every foveated patch footprint."),
     ParamSpec(
+        "markers.rate_hz",
+        10.0,
+        "Marker rate, only while `markers` is subscribed; 0 = every processed frame [Hz].",
+        range=(0.0, 240.0),
+        read_only=False,
+    ),
+    ParamSpec(
         "caption_view.rate_hz",
         2.0,
         "Rate of `caption_view` (fovea crop + periphery for caption_node), only while subscribed; 0 = off [Hz].",
@@ -444,6 +452,11 @@ _FIXATION_FIELDS = tuple(
     for spec in PARAMS
     if spec.name.startswith("fixation.") and spec.name != "fixation.saccade_events"
 )
+
+# How often the `stats` percentiles are recomputed [s].
+_PERCENTILES_PERIOD_S = 0.25
+# At most one log line per drop reason in this period [s] (every drop is counted).
+_DROP_LOG_PERIOD_S = 2.0
 
 _DECISIONS = {
     "first": PipelineStats.DECISION_FIRST,
@@ -599,6 +612,7 @@ class FoveaNode(Node):
             flow_spacing_px=p["markers.flow_spacing_px"],
             show_patches=p["markers.show_patches"],
             max_fixations=p["fixation.num_fixations"],
+            max_levels=p["texture.max_levels"],
         )
         self.latency = LatencyTracker()
         self.drops = DropCounter()
@@ -606,8 +620,10 @@ class FoveaNode(Node):
         self.frames_received = 0
         self.frames_processed = 0
         self.instruction = p["instruction"]
-        self._last_debug_s = -1e9
+        self._last_debug_s = self._last_markers_s = self._last_percentiles_s = -1e9
         self._markers_cleared = False
+        self._percentiles: list[StageLatency] = []
+        self._last_drop_log_s: dict[str, float] = {}
 
         sensor_qos = qos.sensor(p["sensor_qos.reliability"], p["sensor_qos.depth"])
         # As deep as the camera subscription: a reliable deep queue asks for every frame, depth 1 for the newest.
@@ -749,7 +765,12 @@ class FoveaNode(Node):
 
     def _drop(self, reason: str, detail: str, what: str = "frame") -> None:
         self.drops.add(reason)
-        self.get_logger().warning(f"dropped {what} ({reason}): {detail}", throttle_duration_sec=2.0)
+        # Throttled here, not by the logger: rclpy looks up the caller's frame and file on every call,
+        # throttled or not, and drops can come at the camera rate.
+        now = time.monotonic()
+        if now - self._last_drop_log_s.get(reason, -1e9) >= _DROP_LOG_PERIOD_S:
+            self._last_drop_log_s[reason] = now
+            self.get_logger().warning(f"dropped {what} ({reason}): {detail}")
 
     def _on_set_fixation(self, request: SetFixation.Request, response: SetFixation.Response):
         if request.clear:
@@ -948,15 +969,27 @@ class FoveaNode(Node):
         self._last_frame_id = output.frame_id
         self.pub_fixation.publish(fixation_msg(output.fixation, output, header, focal_px))
         self.pub_fixations.publish(fixation_array_msg(output, header, focal_px))
-        if not self._markers_cleared:
-            self.pub_markers.publish(delete_all(header))
-            self._markers_cleared = True
-        self.pub_markers.publish(self.markers.build(output, header))
+        self._publish_markers(output, header)
         self._publish_debug(output, header)
         self._publish_caption_view(output, header, focal_px)
         self.pub_stats.publish(self._stats(output, header, age_ms))
         if output.slip is not None:
             self.pub_slip.publish(slip_msg(output.slip, header))
+
+    def _publish_markers(self, output: PipelineOutput, header: Header) -> None:
+        # Building a MarkerArray costs milliseconds of Python per frame (thousands of points): only
+        # for a subscriber, and no faster than RViz needs.
+        if self.pub_markers.get_subscription_count() == 0:
+            return
+        now = time.monotonic()
+        rate = self.params["markers.rate_hz"]
+        if rate > 0 and now - self._last_markers_s < 1.0 / rate:
+            return
+        self._last_markers_s = now
+        if not self._markers_cleared:
+            self.pub_markers.publish(delete_all(header))
+            self._markers_cleared = True
+        self.pub_markers.publish(self.markers.build(output, header))
 
     def _publish_caption_view(self, output: PipelineOutput, header: Header, focal_px: float | None) -> None:
         rate = self.params["caption_view.rate_hz"]
@@ -1007,7 +1040,17 @@ class FoveaNode(Node):
         self.pub_debug.publish(image_msg(canvas, header))
 
     def _stats(self, output: PipelineOutput, header: Header, age_ms: float) -> PipelineStats:
-        stages = stage_latencies(self.latency)
+        # Percentiles over the window cost ~0.1 ms per stage: refreshed at _PERCENTILES_PERIOD_S, the
+        # latest value of each stage on every message.
+        now = time.monotonic()
+        known = len(self._percentiles) == len(self.latency.stages())
+        if not known or now - self._last_percentiles_s >= _PERCENTILES_PERIOD_S:
+            self._last_percentiles_s = now
+            self._percentiles = stage_latencies(self.latency)
+        stages = [
+            StageLatency(stage=s.stage, last_ms=self.latency.last(s.stage), p50_ms=s.p50_ms, p99_ms=s.p99_ms)
+            for s in self._percentiles
+        ]
         return PipelineStats(
             header=header,
             frames_received=self.frames_received,

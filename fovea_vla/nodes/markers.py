@@ -48,6 +48,8 @@ class MarkerBuilder:
         show_patches: draw every patch footprint.
         max_fixations: fixations drawn (ids 0..max_fixations-1 always exist, unused ones deleted).
         saccade_trail: how many recent saccade targets the fading trail shows.
+        max_levels: pyramid levels of the texture: patch outlines use ids 0..max_levels-1 on every
+            frame (empty levels deleted), so ids stay stable.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class MarkerBuilder:
         show_patches: bool = True,
         max_fixations: int = 1,
         saccade_trail: int = 8,
+        max_levels: int = 8,
     ):
         self.camera = camera
         self.depth_m = depth_m
@@ -69,6 +72,7 @@ class MarkerBuilder:
         self._intrinsics = (1.0, 1.0, 0.0, 0.0)
         self.max_fixations = max_fixations
         self._trail: deque[tuple[float, float]] = deque(maxlen=saccade_trail)
+        self.max_levels = max_levels
 
     def _point(self, x: float, y: float, out: PipelineOutput) -> Point:
         # Intrinsics of this frame, looked up once per build() (thousands of points per frame).
@@ -161,52 +165,14 @@ class MarkerBuilder:
         markers.append(velocity)
 
         flow_marker = self._marker(header, "flow", Marker.LINE_LIST, Vector3(x=1.0 * mpp), _rgba((255, 60, 200), 0.9))
-        arrows = []
         if out.flow is not None:
-            field = out.flow.flow
-            grid = out.flow_grid
-            xs, ys = grid_centers(field.shape[:2], grid)
-            step = max(1, self.flow_spacing_px // grid)
-            for row in range(step // 2, field.shape[0], step):
-                for col in range(step // 2, field.shape[1], step):
-                    u, v = (float(c) for c in field[row, col])
-                    if u * u + v * v < 0.25:
-                        continue
-                    x0, y0 = float(xs[col]), float(ys[row])
-                    x1, y1 = x0 + 3 * u, y0 + 3 * v
-                    # Shaft plus a two-stroke head, all as line segments in one marker.
-                    angle = math.atan2(y1 - y0, x1 - x0)
-                    head = 0.3 * math.hypot(x1 - x0, y1 - y0)
-                    arrows += [self._point(x0, y0, out), self._point(x1, y1, out)]
-                    for side in (-0.5, 0.5):
-                        arrows += [
-                            self._point(x1, y1, out),
-                            self._point(x1 - head * math.cos(angle + side), y1 - head * math.sin(angle + side), out),
-                        ]
-        flow_marker.points = arrows
+            flow_marker.points = self._points(self._arrow_segments(out.flow.flow, out.flow_grid))
         if not flow_marker.points:
             flow_marker.action = Marker.DELETE
         markers.append(flow_marker)
 
         if self.show_patches:
-            patches = self._marker(header, "patches", Marker.LINE_LIST, Vector3(x=0.8 * mpp), _rgba((255, 255, 255)))
-            # Corners for every patch at once, then message objects; the lists are assigned once because
-            # the message setters re-check every element.
-            fx, fy, cx, cy = self._intrinsics
-            half = 0.5 * fovea.sizes.astype(np.float64)[:, None]
-            offsets = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=np.float64)
-            corners = fovea.centers.astype(np.float64)[:, None, :] + half[..., None] * offsets  # (N, 4, 2)
-            # Each edge i -> i + 1 of each square, as LINE_LIST point pairs.
-            ends = corners[:, [0, 1, 1, 2, 2, 3, 3, 0], :].reshape(-1, 2)
-            xs = ((ends[:, 0] - cx) / fx * self.depth_m).tolist()
-            ys = ((ends[:, 1] - cy) / fy * self.depth_m).tolist()
-            points = [Point(x=x, y=y, z=self.depth_m) for x, y in zip(xs, ys, strict=True)]
-            rgb = (level_colors(fovea.levels) / 255.0).tolist()
-            colors = []
-            for r, g, b in rgb:
-                colors += [ColorRGBA(r=r, g=g, b=b, a=0.8)] * 8
-            patches.points, patches.colors = points, colors
-            markers.append(patches)
+            markers += self._patch_markers(fovea, header, mpp)
 
         markers += self._slip_markers(out, header, mpp)
 
@@ -215,6 +181,59 @@ class MarkerBuilder:
         label.text = f"{fix.source.name.lower()} {fix.confidence:.2f}"
         markers.append(label)
         return MarkerArray(markers=markers)
+
+    def _points(self, xy: np.ndarray) -> list[Point]:
+        """(N, 2) pixel positions -> Points on the marker plane, converted in one vectorised step."""
+        fx, fy, cx, cy = self._intrinsics
+        xs = ((xy[:, 0] - cx) / fx * self.depth_m).tolist()
+        ys = ((xy[:, 1] - cy) / fy * self.depth_m).tolist()
+        return [Point(x=x, y=y, z=self.depth_m) for x, y in zip(xs, ys, strict=True)]
+
+    def _arrow_segments(self, field: np.ndarray, grid: int) -> np.ndarray:
+        """LINE_LIST end points (2 per segment) of flow arrows every ``flow_spacing_px``: a shaft
+        three times the flow vector and a two-stroke head; vectors under 0.5 px are left out."""
+        xs, ys = grid_centers(field.shape[:2], grid)
+        step = max(1, self.flow_spacing_px // grid)
+        rows, cols = np.arange(step // 2, field.shape[0], step), np.arange(step // 2, field.shape[1], step)
+        uv = field[np.ix_(rows, cols)].reshape(-1, 2).astype(np.float64)
+        x0 = np.repeat(np.asarray(xs, np.float64)[cols][None, :], len(rows), axis=0).reshape(-1)
+        y0 = np.repeat(np.asarray(ys, np.float64)[rows][:, None], len(cols), axis=1).reshape(-1)
+        keep = (uv**2).sum(axis=1) >= 0.25
+        uv, x0, y0 = uv[keep], x0[keep], y0[keep]
+        x1, y1 = x0 + 3 * uv[:, 0], y0 + 3 * uv[:, 1]
+        angle = np.arctan2(y1 - y0, x1 - x0)
+        head = 0.3 * np.hypot(x1 - x0, y1 - y0)
+        tip = np.stack([x1, y1], axis=1)
+        segments = [np.stack([x0, y0], axis=1), tip]
+        for side in (-0.5, 0.5):
+            barb = np.stack([x1 - head * np.cos(angle + side), y1 - head * np.sin(angle + side)], axis=1)
+            segments += [tip, barb]
+        # (A, 6, 2): per arrow the shaft's two ends, then each barb's two ends.
+        return np.stack(segments, axis=1).reshape(-1, 2)
+
+    def _patch_markers(self, layout, header: Header, mpp: float) -> list[Marker]:
+        """Patch outlines, one LINE_LIST per pyramid level (a patch's level rounded; id = level) in
+        that level's colour: a colour per marker instead of one per point halves the message objects."""
+        half = 0.5 * layout.sizes.astype(np.float64)[:, None]
+        offsets = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=np.float64)
+        corners = layout.centers.astype(np.float64)[:, None, :] + half[..., None] * offsets  # (N, 4, 2)
+        # Each edge i -> i + 1 of each square, as LINE_LIST point pairs.
+        ends = corners[:, [0, 1, 1, 2, 2, 3, 3, 0], :]
+        # Continuous mip level -> nearest level; the texture has no level past max_levels - 1.
+        levels = np.minimum(np.rint(np.asarray(layout.levels)).astype(np.int64), self.max_levels - 1)
+        colors = level_colors(np.arange(self.max_levels))
+        markers = []
+        for level in range(self.max_levels):
+            color = _rgba(tuple(colors[level].tolist()), 0.8)
+            marker = self._marker(header, "patches", Marker.LINE_LIST, Vector3(x=0.8 * mpp), color)
+            marker.id = level
+            chosen = levels == level
+            if chosen.any():
+                marker.points = self._points(ends[chosen].reshape(-1, 2))
+            else:
+                marker.action = Marker.DELETE
+            markers.append(marker)
+        return markers
 
     def _slip_markers(self, out: PipelineOutput, header: Header, mpp: float) -> list[Marker]:
         """Slip text (id 0) and arrow (id 1) at the held object while it slips; deleted otherwise."""

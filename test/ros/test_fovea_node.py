@@ -28,6 +28,7 @@ TEST_NODE_PARAMS = {
     "sensor_qos.reliability": "reliable",
     "sensor_qos.depth": 20,
     "max_frame_age_ms": 3000.0,
+    "markers.rate_hz": 0.0,  # markers for every frame: the tests count them
 }
 
 
@@ -137,8 +138,10 @@ def test_frames_in_fixation_markers_stats_out_with_capture_stamps(ros_probe, raw
         for marker in array.markers:
             assert marker.header.frame_id == FRAME_ID
             assert stamp_to_ns(marker.header.stamp) in sent
-    patches = next(m for m in outputs.markers[-1].markers if m.ns == "patches")
-    assert len(patches.points) == 273 * 8  # four edges, two points each, per patch
+    # One outline marker per pyramid level, in that level's colour: four edges, two points each, per patch.
+    patches = [m for m in outputs.markers[-1].markers if m.ns == "patches" and m.action == Marker.ADD]
+    assert sum(len(m.points) for m in patches) == 273 * 8
+    assert len({m.id for m in patches}) == len({(m.color.r, m.color.g, m.color.b) for m in patches}) == len(patches)
 
 
 def test_stale_frames_are_dropped_and_counted(ros_probe, raw_node, scene):
