@@ -8,12 +8,21 @@ publishes what it returns; tests and benchmarks drive it directly.
 The texture is updated as :mod:`fovea_vla.core.coherence` decides: fully, over dirty tiles only,
 or not at all; on a static frame whose fixations did not move, sampling and encoding are skipped
 and the previous frame's patches and tokens are returned again (``tokens_reused``).
+
+Tokens reach their consumer through ``on_tokens`` (a :class:`TokenUpdate` per frame that has tokens).
+With ``async_encoder`` the encoder runs on its own thread over the newest sampled patches, so the
+frame stages (flow, fixation, texture, sampling) keep the camera's rate on a device where the
+encoder alone is slower than the camera; tokens then arrive at the encoder's rate, each update
+saying which frame it was encoded from, and patches superseded before the encoder took them are
+counted (``encodes_skipped``), not queued.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -33,12 +42,13 @@ from fovea_vla.core.foveation import (
     scene_complexity,
 )
 from fovea_vla.core.frames import Frame, rgb_to_gray
+from fovea_vla.core.handoff import NewestQueue
 from fovea_vla.core.registry import BackendSelection
 from fovea_vla.core.slip import SlipEvent
 from fovea_vla.core.slip_stage import Grasp, SlipStage, SlipStageConfig
 from fovea_vla.core.texture import TextureConfig, make_texture
 
-__all__ = ["FoveaPipeline", "PipelineConfig", "PipelineOutput", "make_example"]
+__all__ = ["FoveaPipeline", "PipelineConfig", "PipelineOutput", "TokenUpdate", "make_example"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +72,9 @@ class PipelineConfig:
             ``foveation.num_tokens`` on every frame.
         encoder: the foveated ViT that turns the patches into tokens, or None to stop at the
             patches.
+        async_encoder: encode on a worker thread over the newest sampled patches instead of
+            inside :meth:`FoveaPipeline.process` (for devices where the encoder is slower than
+            the camera; see the module docstring).
     """
 
     flow: FlowConfig = field(default_factory=lambda: FlowConfig(grid=4, preset="ultrafast", scale=0.5))
@@ -74,6 +87,7 @@ class PipelineConfig:
     coherence: CoherenceConfig = field(default_factory=CoherenceConfig)
     adaptive_budget: AdaptiveBudgetConfig = field(default_factory=AdaptiveBudgetConfig)
     encoder: EncoderConfig | None = None
+    async_encoder: bool = False
 
     def __post_init__(self):
         if self.encoder is not None and self.encoder.patch_size != self.foveation.patch_size:
@@ -146,6 +160,79 @@ class PipelineOutput:
 
 
 @dataclass(frozen=True)
+class TokenUpdate:
+    """Tokens that stand for one processed frame.
+
+    Attributes:
+        tokens: (N, D) encoder tokens in ``layout`` order on the encoder's device.
+        cls_token: (D,) the class token's output.
+        layout: the layout the tokens were sampled with.
+        stamp_ns: capture stamp [ns] of the frame the tokens stand for: the encoded frame, or a
+            later static frame that reused them.
+        tokens_stamp_ns: capture stamp [ns] of the frame the patches were sampled on.
+        frame_id: camera frame.
+        width, height: image size [px].
+        timing_ms: the encoder's stage times when these tokens were just encoded, else empty.
+    """
+
+    tokens: object
+    cls_token: object
+    layout: FoveatedLayout
+    stamp_ns: int
+    tokens_stamp_ns: int
+    frame_id: str
+    width: int
+    height: int
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _EncodeJob:
+    patches: object
+    layout: FoveatedLayout
+    stamp_ns: int
+    frame_id: str
+    width: int
+    height: int
+
+
+class _EncoderWorker:
+    """The encoder on its own thread, always on the newest job (older unstarted jobs are skipped)."""
+
+    def __init__(self, encoder: FoveatedEncoder, done: Callable[[_EncodeJob, object], None]):
+        self._encoder = encoder
+        self._done = done
+        self._inbox: NewestQueue[_EncodeJob] = NewestQueue(1)
+        self.skipped = 0
+        self.errors = 0
+        self.last_error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="fovea_encoder", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: _EncodeJob) -> None:
+        if self._inbox.put(job):
+            self.skipped += 1
+
+    def _run(self) -> None:
+        while not self._inbox.closed:
+            job = self._inbox.take(timeout_s=0.5)
+            if job is None:
+                continue
+            try:
+                layout = job.layout
+                encoded = self._encoder.encode(job.patches, layout.centers, layout.levels, (job.width, job.height))
+            except Exception as exc:  # one bad frame must not end the thread: counted, the next job runs
+                self.errors += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                continue
+            self._done(job, encoded)
+
+    def close(self) -> None:
+        self._inbox.close()
+        self._thread.join(timeout=5.0)
+
+
+@dataclass(frozen=True)
 class _TokenCache:
     """Sampling results kept for reuse on static frames."""
 
@@ -167,11 +254,27 @@ class _TokenCache:
         )
 
 
+def _encoder_timing(encoded) -> dict[str, float]:
+    timing = {"encoder": encoded.timing_ms}
+    if encoded.device_ms is not None:
+        timing["encoder_gpu"] = encoded.device_ms
+    return timing
+
+
 class FoveaPipeline:
     """Runs the stages on each frame, keeping the state that spans frames."""
 
-    def __init__(self, cfg: PipelineConfig | None = None):
+    def __init__(self, cfg: PipelineConfig | None = None, on_tokens: Callable[[TokenUpdate], None] | None = None):
+        """
+        Args:
+            cfg: stage settings (defaults when None).
+            on_tokens: called with a :class:`TokenUpdate` for every processed frame that has
+                tokens (inside :meth:`process`, before it returns), or, with ``async_encoder``,
+                from the encoder's thread when new tokens are ready and from :meth:`process` for
+                static frames that reuse them.
+        """
         self.cfg = cfg or PipelineConfig()
+        self._on_tokens = on_tokens
         self.backends: dict[str, BackendSelection] = {}
         self._flow = None
         if self.cfg.flow_enabled:
@@ -185,6 +288,14 @@ class FoveaPipeline:
         self.encoder = FoveatedEncoder(self.cfg.encoder) if self.cfg.encoder is not None else None
         self._coherence = TemporalCoherence(self.cfg.coherence)
         self._cache: _TokenCache | None = None
+        # Guards _cache between process() and the encoder thread.
+        self._cache_lock = threading.Lock()
+        self._worker = None
+        # The newest asynchronously encoded tokens, and the encoder's last time (for the adaptive budget).
+        self._latest: _TokenCache | None = None
+        self._last_encoder_ms = 0.0
+        if self.encoder is not None and self.cfg.async_encoder:
+            self._worker = _EncoderWorker(self.encoder, self._encoded)
         # Frames per coherence decision, and frames whose tokens came from the cache.
         self.decision_counts: Counter[str] = Counter()
         self.frames_reused = 0
@@ -201,9 +312,22 @@ class FoveaPipeline:
     def device(self) -> str:
         return self._texture.device
 
+    @property
+    def encodes_skipped(self) -> int:
+        """Sampled patch sets the asynchronous encoder never took because newer ones came (0 when synchronous)."""
+        return 0 if self._worker is None else self._worker.skipped
+
+    @property
+    def encoder_errors(self) -> int:
+        """Frames the asynchronous encoder failed on (0 when synchronous: process() raises instead)."""
+        return 0 if self._worker is None else self._worker.errors
+
     def close(self) -> None:
-        """Release the texture's GPU / GL resources (a GL context, CUDA registrations); the pipeline
-        is unusable afterwards. Backends without such resources have nothing to release."""
+        """Stop the encoder thread and release the texture's GPU / GL resources (a GL context, CUDA
+        registrations); the pipeline is unusable afterwards. Backends without such resources have
+        nothing to release."""
+        if self._worker is not None:
+            self._worker.close()
         close = getattr(self._texture, "close", None)
         if close is not None:
             close()
@@ -213,7 +337,8 @@ class FoveaPipeline:
         self._prev_gray = None
         self._fixation = None
         self._coherence.reset()
-        self._cache = None
+        with self._cache_lock:
+            self._cache = self._latest = None
         self._motion.reset()
         if self._flow is not None:
             self._flow.reset()
@@ -334,7 +459,8 @@ class FoveaPipeline:
         # The layout samples this frame, so it is built around the capture-time positions.
         centres = np.array([(f.filtered_x, f.filtered_y) for f in fixation_set.fixations], dtype=np.float64)
         weights = tuple(float(w) for w in fixation_set.weights)
-        cache = self._cache
+        with self._cache_lock:
+            cache = self._cache
         foveation = self.cfg.foveation
         if self._budget is not None:
             foveation = replace(foveation, num_tokens=self._budget.tokens)
@@ -358,18 +484,41 @@ class FoveaPipeline:
             patches = self._texture.sample(layout.centers, layout.sizes, layout.patch_size)
             timing["sampling"] = (time.perf_counter() - t) * 1e3
             tokens = cls_token = None
-            if self.encoder is not None:
+            if self._worker is not None:
+                # A copy: the texture may sample the next frame into the same buffer.
+                self._worker.submit(_EncodeJob(patches.clone(), layout, frame.stamp_ns, frame.frame_id, width, height))
+            elif self.encoder is not None:
                 encoded = self.encoder.encode(patches, layout.centers, layout.levels, (width, height))
                 tokens, cls_token = encoded.tokens, encoded.cls
-                timing["encoder"] = encoded.timing_ms
-                if encoded.device_ms is not None:
-                    timing["encoder_gpu"] = encoded.device_ms
-            cache = self._cache = _TokenCache(
-                centres, weights, focal_px, layout, patches, tokens, cls_token, frame.stamp_ns
-            )
+                timing.update(_encoder_timing(encoded))
+            cache = _TokenCache(centres, weights, focal_px, layout, patches, tokens, cls_token, frame.stamp_ns)
+            with self._cache_lock:
+                self._cache = cache
         if self._budget is not None:
-            vision_ms = None if reuse else timing["sampling"] + timing.get("encoder", 0.0)
+            encoder_ms = timing.get("encoder", self._last_encoder_ms)
+            vision_ms = None if reuse else timing["sampling"] + encoder_ms
             self._budget.update(scene_complexity(gray, self.cfg.adaptive_budget.textured_std), vision_ms)
+        if self._worker is None:
+            delivered = cache if cache.tokens is not None else None
+        else:
+            with self._cache_lock:
+                latest = self._latest
+            # Synchronous tokens stand for this frame; asynchronous ones are the newest encoded.
+            delivered = latest
+        if self._on_tokens is not None and cache.tokens is not None and (self._worker is None or reuse):
+            self._on_tokens(
+                TokenUpdate(
+                    tokens=cache.tokens,
+                    cls_token=cache.cls_token,
+                    layout=cache.layout,
+                    stamp_ns=frame.stamp_ns,
+                    tokens_stamp_ns=cache.stamp_ns,
+                    frame_id=frame.frame_id,
+                    width=width,
+                    height=height,
+                    timing_ms={} if reuse else {k: timing[k] for k in ("encoder", "encoder_gpu") if k in timing},
+                )
+            )
         timing["total"] = (time.perf_counter() - start) * 1e3
         return PipelineOutput(
             stamp_ns=frame.stamp_ns,
@@ -391,10 +540,35 @@ class FoveaPipeline:
             decision=decision.kind,
             dirty_fraction=decision.dirty_fraction,
             tokens_reused=reuse,
-            tokens_stamp_ns=cache.stamp_ns,
-            tokens=cache.tokens,
-            cls_token=cache.cls_token,
+            tokens_stamp_ns=0 if delivered is None else delivered.stamp_ns,
+            tokens=None if delivered is None else delivered.tokens,
+            cls_token=None if delivered is None else delivered.cls_token,
         )
+
+    def _encoded(self, job: _EncodeJob, encoded) -> None:
+        """The encoder thread finished ``job``: fill the cache entry sampled for it, hand the tokens on."""
+        timing = _encoder_timing(encoded)
+        self._last_encoder_ms = encoded.timing_ms
+        entry = _TokenCache(None, (), None, job.layout, job.patches, encoded.tokens, encoded.cls, job.stamp_ns)
+        with self._cache_lock:
+            cache = self._cache
+            if cache is not None and cache.stamp_ns == job.stamp_ns:
+                self._cache = replace(cache, tokens=encoded.tokens, cls_token=encoded.cls)
+            self._latest = entry
+        if self._on_tokens is not None:
+            self._on_tokens(
+                TokenUpdate(
+                    tokens=encoded.tokens,
+                    cls_token=encoded.cls,
+                    layout=job.layout,
+                    stamp_ns=job.stamp_ns,
+                    tokens_stamp_ns=job.stamp_ns,
+                    frame_id=job.frame_id,
+                    width=job.width,
+                    height=job.height,
+                    timing_ms=timing,
+                )
+            )
 
     def _texture_source(self, frame: Frame):
         """``frame.device_rgb`` when the texture takes device frames and lives on that device, else ``frame.rgb``."""
