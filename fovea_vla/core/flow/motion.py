@@ -49,6 +49,7 @@ Scene-cut rule. A cut needs both cues, so neither motion nor lighting alone make
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass
 
@@ -76,6 +77,8 @@ _MIN_CONTRAST = 2.0
 _MIN_VALID_CELLS = 0.25
 # Width of the 2-D maps handed to cv2.remap for scattered samples (it rejects sides >= 32767).
 _SAMPLE_ROW = 1024
+# Accepted values of MotionConfig.device.
+_DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,6 +126,11 @@ class MotionConfig:
         cut_tolerance: normalised intensity difference, in units of the frame's cell contrast,
             above which a warped cell disagrees; > 0.
         seed: seed of the sampling order.
+        device: where the per-pixel, per-block and per-tile work runs: ``cpu`` (NumPy and
+            OpenCV) or ``cuda`` / ``cuda:N`` (torch on that device, see
+            :mod:`fovea_vla.core.flow.motion_torch`; the camera-motion fit stays on the CPU).
+            Both compute the same analysis (the CUDA path samples exactly as the installed
+            OpenCV's remap); the measured agreement is in test/unit/test_motion_torch.py.
     """
 
     tile_size: int = 32
@@ -142,6 +150,7 @@ class MotionConfig:
     cut_mismatch: float = 0.4
     cut_tolerance: float = 0.5
     seed: int = 0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         ints = {"tile_size": 1, "min_region_px": 0, "ego_samples": _MIN_FIT_VECTORS, "cut_cell_px": 1, "seed": 0}
@@ -173,6 +182,8 @@ class MotionConfig:
                 raise ValueError(f"motion.{name}={value!r}: must be a number in {interval}")
         if self.ego_model not in EGO_MODELS:
             raise ValueError(f"motion.ego_model={self.ego_model!r}: must be one of {', '.join(EGO_MODELS)}")
+        if not (isinstance(self.device, str) and _DEVICE.fullmatch(self.device)):
+            raise ValueError(f"motion.device={self.device!r}: must be 'cpu', 'cuda' or 'cuda:N'")
 
 
 @dataclass
@@ -258,18 +269,32 @@ class MotionAnalyzer:
     grid. Because of the work buffers, one analyzer must not run two calls at once; use one
     per thread.
 
+    With ``cfg.device`` ``cuda[:N]`` the analysis runs on that GPU through
+    :class:`~fovea_vla.core.flow.motion_torch.TorchMotion`, which also keeps the last frame on
+    the device (see there); torch is imported only then.
+
     Args:
         cfg: validated settings (defaults when None).
+
+    Raises:
+        RuntimeError: ``cfg.device`` names a CUDA device that torch cannot use.
     """
 
     def __init__(self, cfg: MotionConfig | None = None):
         self.cfg = cfg if cfg is not None else MotionConfig()
         self._key: tuple[int, int, int] | None = None
+        self._torch = None
+        if self.cfg.device != "cpu":
+            from fovea_vla.core.flow.motion_torch import TorchMotion
+
+            self._torch = TorchMotion(self.cfg, self.cfg.device, host=self)
 
     def reset(self) -> None:
         """Drop the size-dependent caches (sampling order, block centres, tile sizes, cell grid)
-        and work buffers."""
+        and work buffers, and the frame kept on the device."""
         self._key = None
+        if self._torch is not None:
+            self._torch.reset()
 
     def analyze(
         self, prev_gray: np.ndarray, cur_gray: np.ndarray, flow: FlowResult | np.ndarray, grid: int
@@ -293,27 +318,13 @@ class MotionAnalyzer:
             ValueError: frames or flow of the wrong shape or dtype, or a tile size that is not
                 a multiple of the grid.
         """
+        if self._torch is not None:
+            return self._torch.analyze(prev_gray, cur_gray, flow, grid)
         start = time.perf_counter()
         cfg = self.cfg
-        prev_gray, cur_gray = _as_gray(prev_gray, "prev_gray"), _as_gray(cur_gray, "cur_gray")
-        if prev_gray.shape != cur_gray.shape:
-            raise ValueError(f"prev_gray {prev_gray.shape} and cur_gray {cur_gray.shape} must have the same shape")
-        confidence = None
-        if isinstance(flow, FlowResult):
-            flow, confidence = flow.flow, flow.confidence
-        if not is_int(grid) or grid < 1:
-            raise ValueError(f"grid={grid!r}: must be an integer >= 1")
-        if cfg.tile_size % grid:
-            raise ValueError(f"motion.tile_size={cfg.tile_size}: must be a multiple of the flow grid {grid}")
+        prev_gray, cur_gray, flow, confidence = _checked_inputs(cfg, prev_gray, cur_gray, flow, grid)
         height, width = prev_gray.shape
-        hg, wg = grid_shape(height, width, grid)
-        flow = np.asarray(flow, dtype=np.float32)
-        if flow.shape != (hg, wg, 2):
-            raise ValueError(
-                f"flow {flow.shape} must be (Hg, Wg, 2) = {(hg, wg, 2)} for {width}x{height} at grid {grid}"
-            )
-        if confidence is not None and np.shape(confidence) != (hg, wg):
-            raise ValueError(f"confidence {np.shape(confidence)} must be (Hg, Wg) = {(hg, wg)}")
+        hg, wg = flow.shape[:2]
         self._prepare(height, width, grid)
 
         ego, model, inliers = self._fit_ego(flow, confidence)
@@ -597,6 +608,32 @@ def _normalised(image: np.ndarray, where: np.ndarray | None = None) -> np.ndarra
     (over the whole image when None)."""
     values = image if where is None else image[where]
     return (image - values.mean()) / max(float(values.std()), _MIN_CONTRAST)
+
+
+def _checked_inputs(
+    cfg: MotionConfig, prev_gray: np.ndarray, cur_gray: np.ndarray, flow: FlowResult | np.ndarray, grid: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(prev, cur, flow, confidence)`` checked as :meth:`MotionAnalyzer.analyze` documents:
+    (H, W) uint8 frames (RGB converted to gray), (Hg, Wg, 2) float32 flow and the (Hg, Wg)
+    confidence or None. Raises ValueError otherwise."""
+    prev_gray, cur_gray = _as_gray(prev_gray, "prev_gray"), _as_gray(cur_gray, "cur_gray")
+    if prev_gray.shape != cur_gray.shape:
+        raise ValueError(f"prev_gray {prev_gray.shape} and cur_gray {cur_gray.shape} must have the same shape")
+    confidence = None
+    if isinstance(flow, FlowResult):
+        flow, confidence = flow.flow, flow.confidence
+    if not is_int(grid) or grid < 1:
+        raise ValueError(f"grid={grid!r}: must be an integer >= 1")
+    if cfg.tile_size % grid:
+        raise ValueError(f"motion.tile_size={cfg.tile_size}: must be a multiple of the flow grid {grid}")
+    height, width = prev_gray.shape
+    hg, wg = grid_shape(height, width, grid)
+    flow = np.asarray(flow, dtype=np.float32)
+    if flow.shape != (hg, wg, 2):
+        raise ValueError(f"flow {flow.shape} must be (Hg, Wg, 2) = {(hg, wg, 2)} for {width}x{height} at grid {grid}")
+    if confidence is not None and np.shape(confidence) != (hg, wg):
+        raise ValueError(f"confidence {np.shape(confidence)} must be (Hg, Wg) = {(hg, wg)}")
+    return prev_gray, cur_gray, flow, confidence
 
 
 def _as_gray(image: np.ndarray, label: str) -> np.ndarray:
