@@ -69,6 +69,12 @@ LAUNCH_ARGUMENTS = (
         "caption_node's caption.model_path names one.",
     ),
     LaunchArgument("replay_source", "synthetic", "camera_replay source: synthetic, a video, an image folder or a bag."),
+    LaunchArgument(
+        "autostart",
+        "true",
+        "Configure and activate the managed nodes (fovea_node, policy_node) at startup; false = they wait "
+        "unconfigured for a lifecycle manager (`<node>/change_state`). Sets their `autostart` parameter.",
+    ),
     LaunchArgument("namespace", "", "Namespace for every node of the graph."),
     LaunchArgument("rviz", "false", "Start RViz2 with config/fovea_vla.rviz."),
 )
@@ -178,11 +184,14 @@ def node_graph(
     policy: str | bool = False,
     sim: str | bool = False,
     captions: str | bool = True,
+    autostart: str | bool = True,
     **_ignored,
 ) -> list[NodeSpec]:
     """Processes of the graph for the given launch arguments (same names as LAUNCH_ARGUMENTS)."""
     files = config_files(config)
     remap = tuple(camera_topics(camera_topic).items())
+    # The managed nodes' `autostart` (both nodes of vla_stack take it).
+    managed = {"autostart": _truthy(autostart)}
     graph = []
     if _truthy(sim):
         graph.append(NodeSpec(PACKAGE, "sim_bridge", "sim_bridge", files, {}, remap))
@@ -190,10 +199,10 @@ def node_graph(
         graph.append(NodeSpec(PACKAGE, "camera_replay", "camera_replay", files, {"source": replay_source}, remap))
     if _truthy(policy):
         graph.append(
-            NodeSpec(PACKAGE, "vla_stack", "vla_stack", files, {}, remap, node_names=("fovea_node", "policy_node"))
+            NodeSpec(PACKAGE, "vla_stack", "vla_stack", files, managed, remap, node_names=("fovea_node", "policy_node"))
         )
     else:
-        graph.append(NodeSpec(PACKAGE, "fovea_node", "fovea_node", files, {}, remap))
+        graph.append(NodeSpec(PACKAGE, "fovea_node", "fovea_node", files, managed, remap))
     if _truthy(captions):
         graph.append(NodeSpec(PACKAGE, "caption_node", "caption_node", files, {}, remap))
     if _truthy(rviz):

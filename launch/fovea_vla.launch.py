@@ -4,6 +4,8 @@
         camera_topic:=/camera/color/image_raw use_replay:=false rviz:=true
 
 The processes come from fovea_vla.bringup.node_graph, the same description `fovea-vla launch` uses.
+fovea_node and policy_node are managed (lifecycle) nodes: `autostart:=false` leaves them unconfigured
+for a lifecycle manager (`ros2 lifecycle set /fovea_node configure`, nav2_lifecycle_manager).
 """
 
 from launch import LaunchDescription

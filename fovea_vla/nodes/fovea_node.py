@@ -5,6 +5,7 @@ and ``camera_info``; runs :class:`fovea_vla.core.pipeline.FoveaPipeline` on each
 publishes ``fixation``, ``fixations``, ``markers``, ``debug_image`` and ``stats``, every one
 stamped with the capture stamp and frame_id of the frame it came from. Services
 ``set_fixation`` and ``set_instruction``; RViz's Publish Point tool on ``clicked_point``.
+A managed (lifecycle) node: see :class:`FoveaNode` for what each transition does.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PointStamped
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, JointState, RegionOfInterest
 from std_msgs.msg import Bool, Header, String
 from visualization_msgs.msg import MarkerArray
@@ -39,7 +39,7 @@ from fovea_vla.core.foveation import AdaptiveBudgetConfig, FoveationConfig
 from fovea_vla.core.frames import FrameError
 from fovea_vla.core.handoff import NewestQueue
 from fovea_vla.core.overlay import draw_overlay
-from fovea_vla.core.pipeline import FoveaPipeline, PipelineConfig, PipelineOutput
+from fovea_vla.core.pipeline import FoveaPipeline, PipelineConfig, PipelineOutput, TokenUpdate
 from fovea_vla.core.policy.observation import TokenFrame, token_positions
 from fovea_vla.core.slip import SlipConfig, project_box
 from fovea_vla.core.slip_stage import Grasp, SlipStageConfig
@@ -52,6 +52,7 @@ from fovea_vla.nodes.diagnostics import (
     diagnostics_config,
     diagnostics_params,
 )
+from fovea_vla.nodes.lifecycle import AUTOSTART, ManagedNode, lifecycle_statuses
 from fovea_vla.nodes.markers import MarkerBuilder, delete_all
 from fovea_vla.nodes.messages import (
     CameraModel,
@@ -67,7 +68,7 @@ from fovea_vla.nodes.messages import (
     slip_msg,
     stage_latencies,
 )
-from fovea_vla.nodes.params import ConfigError, ParamSpec, declare_all
+from fovea_vla.nodes.params import ConfigError, ParamSpec, validate_changes
 from fovea_vla.nodes.runner import run_node
 from fovea_vla_msgs.msg import (
     BackendChoice,
@@ -86,6 +87,7 @@ from fovea_vla_msgs.srv import SetFixation, SetInstruction
 DIAGNOSED_STAGES = ("ingest", "flow", "texture", "encoder", "fixation", "slip")
 
 PARAMS: tuple[ParamSpec, ...] = (
+    AUTOSTART,
     ParamSpec(
         "image_transport",
         "raw",
@@ -160,6 +162,12 @@ PARAMS: tuple[ParamSpec, ...] = (
         8.0,
         "Mean absolute grey-level change that marks a tile changed even without motion.",
         range=(0.0, 255.0),
+    ),
+    ParamSpec(
+        "motion.device",
+        "cpu",
+        "Where the motion analysis runs: cpu (NumPy/OpenCV) or cuda[:N] (torch on that GPU; the camera-motion fit "
+        "stays on the CPU).",
     ),
     ParamSpec(
         "texture.backend",
@@ -237,6 +245,12 @@ PARAMS: tuple[ParamSpec, ...] = (
         range=(0.0, 89.0),
     ),
     ParamSpec("encoder.enabled", True, "Encode the foveated patches into tokens with the foveated ViT."),
+    ParamSpec(
+        "encoder.asynchronous",
+        False,
+        "Encode on a worker thread over the newest patches, so flow and fixation keep the camera rate where "
+        "the encoder is slower than the camera (tokens then come at the encoder's rate).",
+    ),
     ParamSpec(
         "encoder.architecture",
         "vit_base_patch16",
@@ -504,6 +518,7 @@ def pipeline_config(values: dict) -> PipelineConfig:
                 tile_size=values["motion.tile_size"],
                 ego_model=values["motion.ego_model"],
                 photometric_threshold=values["motion.photometric_threshold"],
+                device=values["motion.device"],
             ),
             texture=TextureConfig(
                 backend=values["texture.backend"],
@@ -543,6 +558,7 @@ def pipeline_config(values: dict) -> PipelineConfig:
             )
             if values["encoder.enabled"]
             else None,
+            async_encoder=values["encoder.asynchronous"],
             slip=None
             if not values["slip.enabled"]
             else SlipStageConfig(
@@ -564,8 +580,17 @@ def pipeline_config(values: dict) -> PipelineConfig:
         raise ConfigError(str(exc)) from exc
 
 
-class FoveaNode(Node):
-    """The per-frame pipeline as a ROS node.
+class FoveaNode(ManagedNode):
+    """The per-frame pipeline as a managed (lifecycle) ROS node.
+
+    Lifecycle (see :mod:`fovea_vla.nodes.lifecycle`): **configure** reads and checks the parameters,
+    builds the pipeline (flow, texture, encoder: weights loaded, CUDA graphs captured) and the
+    decoder, and creates the publishers (lifecycle publishers: silent while inactive), the services
+    and the subscriptions that steer the node (``camera_info``, ``instruction``, ``clicked_point``,
+    gripper state); **activate** subscribes to the camera and starts the frame thread;
+    **deactivate** unsubscribes, lets the frame in hand finish, drops the queued ones (not counted)
+    and stops the thread, keeping the pipeline's state (texture, fixation history, token cache);
+    **cleanup** releases the pipeline's GPU / GL resources and the decoder.
 
     Args:
         token_sink: called with a :class:`TokenFrame` after every frame that has tokens (the
@@ -573,37 +598,53 @@ class FoveaNode(Node):
         frame_thread: process frames on the node's own thread (the camera callback only hands the
             message over, so the executor stays free and never polls a busy callback);
             False processes them inside the callback (deterministic, for tests).
-        kwargs: passed to ``rclpy.node.Node``.
+        kwargs: passed to ``rclpy.lifecycle.LifecycleNode``.
     """
 
     NODE_NAME = "fovea_node"
 
     def __init__(self, token_sink: Callable[[TokenFrame], None] | None = None, frame_thread: bool = True, **kwargs):
-        super().__init__(self.NODE_NAME, **kwargs)
+        super().__init__(PARAMS, **kwargs)
         self._token_sink = token_sink
+        self._use_frame_thread = frame_thread
         # Serialises the pipeline between the frame thread and the callbacks that steer it.
         self._pipeline_lock = threading.Lock()
         self._inbox: NewestQueue[tuple[Callable[[], list], int]] = NewestQueue()
         self._frame_thread: threading.Thread | None = None
+        self._accepting = False  # camera messages are taken only while active
         self._instruction_listeners: list[Callable[[str], None]] = []
+        self.instruction = ""
+        self._instruction_received = False  # the `instruction` parameter applies until one arrives
+        self.pipeline: FoveaPipeline | None = None
+        # /diagnostics in every state: a node that is not active says so.
+        self.pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", qos.outputs())
+        self._hardware_id = socket.gethostname()
+        rate_hz = self.get_parameter("diagnostics.rate_hz").value  # read-only, range-checked when declared
+        if isinstance(rate_hz, int | float) and rate_hz > 0:
+            self.create_timer(1.0 / rate_hz, self._publish_diagnostics)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def _configure(self) -> None:
         try:
-            self.params = declare_all(self, PARAMS)
-            cfg = pipeline_config(self.params)
-            self.pipeline = FoveaPipeline(cfg)
-            decode_cfg = decode_config(self.params, self.pipeline.device)
+            self.params = p = self.read_parameters()
+            cfg = pipeline_config(p)
+            # Tokens reach policy_node through _on_tokens before process() returns (synchronous encoder:
+            # the policy starts while this node publishes), or from the encoder's own thread.
+            self.pipeline = FoveaPipeline(cfg, on_tokens=self._on_tokens if self._token_sink is not None else None)
+            decode_cfg = decode_config(p, self.pipeline.device)
             # Only the decoder of the subscribed topic is made: the other's libraries need not be present.
-            if self.params["image_transport"] == "video":
+            if p["image_transport"] == "video":
                 self.decoder, decode_choice = make_video_decoder(decode_cfg)
             else:
                 self.decoder, decode_choice = make_image_decoder(decode_cfg)
-            self.diagnostics = DiagnosticsMonitor(diagnostics_config(self.params, DIAGNOSED_STAGES))
+            self.diagnostics = DiagnosticsMonitor(diagnostics_config(p, DIAGNOSED_STAGES))
         except (ValueError, RuntimeError) as exc:
             raise ConfigError(f"fovea_node: invalid configuration: {exc}") from exc
         self.backends = {"decode": decode_choice, **self.pipeline.backends}
         for stage, choice in self.backends.items():
             self.get_logger().info(f"{stage} backend: {choice.name} ({choice.reason})")
 
-        p = self.params
         self.camera = CameraModel(p["default_fov_deg"])
         self.markers = MarkerBuilder(
             self.camera,
@@ -619,61 +660,84 @@ class FoveaNode(Node):
         self.input_rate = RateMeter()
         self.frames_received = 0
         self.frames_processed = 0
-        self.instruction = p["instruction"]
         self._last_debug_s = self._last_markers_s = self._last_percentiles_s = -1e9
         self._markers_cleared = False
         self._percentiles: list[StageLatency] = []
         self._last_drop_log_s: dict[str, float] = {}
 
-        sensor_qos = qos.sensor(p["sensor_qos.reliability"], p["sensor_qos.depth"])
-        # As deep as the camera subscription: a reliable deep queue asks for every frame, depth 1 for the newest.
-        self._inbox = NewestQueue(p["sensor_qos.depth"])
-        camera_topic = {"raw": "image", "compressed": "image/compressed", "video": "image/video"}[p["image_transport"]]
-        if p["image_transport"] == "video":
-            self.create_subscription(CompressedVideo, camera_topic, self._on_video, sensor_qos)
-        elif p["image_transport"] == "compressed":
-            self.create_subscription(CompressedImage, camera_topic, self._on_compressed, sensor_qos)
-        else:
-            self.create_subscription(Image, camera_topic, self._on_image, sensor_qos)
-        self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, sensor_qos)
-        self.create_subscription(PointStamped, "clicked_point", self._on_clicked_point, qos.outputs())
-        self.create_subscription(String, "instruction", self._on_instruction, qos.outputs())
+        self._sensor_qos = qos.sensor(p["sensor_qos.reliability"], p["sensor_qos.depth"])
+        self.configured(self.create_subscription(CameraInfo, "camera_info", self._on_camera_info, self._sensor_qos))
+        self.configured(self.create_subscription(PointStamped, "clicked_point", self._on_clicked_point, qos.outputs()))
+        self.configured(self.create_subscription(String, "instruction", self._on_instruction, qos.outputs()))
         self.gripper_closed = False
         if p["slip.enabled"]:
-            self.create_subscription(
-                JointState, "gripper_joint_states", self._on_joint_states, qos.sensor("best_effort", 5)
+            self.configured(
+                self.create_subscription(
+                    JointState, "gripper_joint_states", self._on_joint_states, qos.sensor("best_effort", 5)
+                )
             )
-            self.create_subscription(Bool, "gripper_closed", self._on_gripper_closed, qos.outputs())
+            self.configured(self.create_subscription(Bool, "gripper_closed", self._on_gripper_closed, qos.outputs()))
 
         out = qos.outputs()
-        self.pub_fixation = self.create_publisher(Fixation, "fixation", out)
-        self.pub_fixations = self.create_publisher(FixationArray, "fixations", out)
-        self.pub_markers = self.create_publisher(MarkerArray, "markers", out)
-        self.pub_debug = self.create_publisher(Image, "debug_image", qos.sensor("reliable", 2))
-        self.pub_stats = self.create_publisher(PipelineStats, "stats", out)
-        self.pub_slip = self.create_publisher(SlipEvent, "slip", out)
-        self.pub_caption_view = self.create_publisher(CaptionView, "caption_view", qos.sensor("reliable", 1))
+        publisher = self.create_lifecycle_publisher
+        self.pub_fixation = self.configured(publisher(Fixation, "fixation", out))
+        self.pub_fixations = self.configured(publisher(FixationArray, "fixations", out))
+        self.pub_markers = self.configured(publisher(MarkerArray, "markers", out))
+        self.pub_debug = self.configured(publisher(Image, "debug_image", qos.sensor("reliable", 2)))
+        self.pub_stats = self.configured(publisher(PipelineStats, "stats", out))
+        self.pub_slip = self.configured(publisher(SlipEvent, "slip", out))
+        self.pub_caption_view = self.configured(publisher(CaptionView, "caption_view", qos.sensor("reliable", 1)))
         self.caption_view_cfg = ViewConfig(
             fovea_fraction=p["caption_view.fovea_fraction"],
             fovea_size=p["caption_view.fovea_size"],
             periphery_size=p["caption_view.periphery_size"],
         )
         self._last_caption_view_s = -1e9
-        self.create_service(SetFixation, "set_fixation", self._on_set_fixation)
-        self.create_service(SetInstruction, "set_instruction", self._on_set_instruction)
+        self.configured(self.create_service(SetFixation, "set_fixation", self._on_set_fixation))
+        self.configured(self.create_service(SetInstruction, "set_instruction", self._on_set_instruction))
         self._last_size: tuple[int, int] | None = None
         self._last_frame_id = ""
-        self.get_logger().info(f"listening on {self.resolve_topic_name(camera_topic)}")
         self._last_arrival_s: float | None = None
         self._last_processed_s: float | None = None
-        self.pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", qos.outputs())
         self._hardware_id = f"{socket.gethostname()} {self.pipeline.device}"
-        if p["diagnostics.rate_hz"] > 0:
-            self.create_timer(1.0 / p["diagnostics.rate_hz"], self._publish_diagnostics)
-        self.add_on_set_parameters_callback(self._on_set_parameters)
-        if frame_thread:
-            self._frame_thread = threading.Thread(target=self._frame_loop, name="fovea_frames", daemon=True)
+        if not self._instruction_received and p["instruction"] != self.instruction:
+            self.instruction = p["instruction"]
+            for listener in self._instruction_listeners:
+                listener(self.instruction)
+
+    def _activate(self) -> None:
+        p = self.params
+        # As deep as the camera subscription: a reliable deep queue asks for every frame, depth 1 for the newest.
+        self._inbox = NewestQueue(p["sensor_qos.depth"])
+        if self._use_frame_thread:
+            self._frame_thread = threading.Thread(
+                target=self._frame_loop, args=(self._inbox,), name="fovea_frames", daemon=True
+            )
             self._frame_thread.start()
+        camera_topic, message_type, callback = {
+            "raw": ("image", Image, self._on_image),
+            "compressed": ("image/compressed", CompressedImage, self._on_compressed),
+            "video": ("image/video", CompressedVideo, self._on_video),
+        }[p["image_transport"]]
+        self._accepting = True
+        self.activated(self.create_subscription(message_type, camera_topic, callback, self._sensor_qos))
+        self.get_logger().info(f"listening on {self.resolve_topic_name(camera_topic)}")
+
+    def _deactivate(self, reason: str) -> None:
+        """Stop taking frames: the frame in hand finishes (and is published), queued ones are dropped."""
+        self._accepting = False
+        self._inbox.close()
+        if self._frame_thread is not None:
+            self._frame_thread.join(timeout=5.0)
+            self._frame_thread = None
+
+    def _release(self) -> None:
+        if self.pipeline is not None:
+            with self._pipeline_lock:
+                self.pipeline.close()
+            self.pipeline = None
+        self.decoder = None
+        self._hardware_id = socket.gethostname()
 
     # -- inputs -----------------------------------------------------------------------------
     def _on_image(self, msg: Image) -> None:
@@ -689,6 +753,8 @@ class FoveaNode(Node):
         """Take one camera message (``decode`` returns the frames it completes): queue it for the frame
         thread (``sensor_qos.depth`` deep; a full queue drops its oldest, counted as ``superseded``),
         or process it now without a frame thread."""
+        if not self._accepting:
+            return  # not active (a message still in flight after deactivate): ignored, not counted
         arrival_ns = self.get_clock().now().nanoseconds
         self.frames_received += 1
         self._last_arrival_s = time.monotonic()
@@ -698,15 +764,15 @@ class FoveaNode(Node):
         elif self._inbox.put((decode, arrival_ns)):
             self._drop("superseded", "a newer frame arrived before the previous one was processed")
 
-    def _frame_loop(self) -> None:
-        while not self._inbox.closed:
-            item = self._inbox.take(timeout_s=0.5)
+    def _frame_loop(self, inbox: NewestQueue) -> None:
+        while not inbox.closed:
+            item = inbox.take(timeout_s=0.5)
             if item is None:
                 continue
             try:
                 self._decode_and_process(*item)
             except Exception as exc:  # e.g. publishing while the context shuts down; the thread must live on
-                if not self._inbox.closed:
+                if not inbox.closed:
                     self._drop("node_error", f"{type(exc).__name__}: {exc}")
 
     def _decode_and_process(self, decode: Callable[[], list], arrival_ns: int) -> None:
@@ -750,18 +816,23 @@ class FoveaNode(Node):
         timing = {"decode": decode_ms, **output.timing_ms}
         self.latency.add_all(timing)
         self._publish(output, age_ms, fx)
-        if self._token_sink is not None and output.tokens is not None:
-            self._token_sink(
-                TokenFrame(
-                    tokens=output.tokens,
-                    positions=token_positions(output.layout.centers, output.layout.levels, output.width, output.height),
-                    stamp_ns=output.stamp_ns,
-                    frame_id=output.frame_id,
-                    tokens_stamp_ns=output.tokens_stamp_ns,
-                    width=output.width,
-                    height=output.height,
-                )
+
+    def _on_tokens(self, update: TokenUpdate) -> None:
+        if self.pipeline.cfg.async_encoder:
+            # Synchronous encoder times are already in the frame's timing.
+            self.latency.add_all(update.timing_ms)
+        layout = update.layout
+        self._token_sink(
+            TokenFrame(
+                tokens=update.tokens,
+                positions=token_positions(layout.centers, layout.levels, update.width, update.height),
+                stamp_ns=update.stamp_ns,
+                frame_id=update.frame_id,
+                tokens_stamp_ns=update.tokens_stamp_ns,
+                width=update.width,
+                height=update.height,
             )
+        )
 
     def _drop(self, reason: str, detail: str, what: str = "frame") -> None:
         self.drops.add(reason)
@@ -867,6 +938,7 @@ class FoveaNode(Node):
         listener(self.instruction)
 
     def _set_instruction(self, text: str) -> None:
+        self._instruction_received = True
         changed = text != self.instruction
         if changed:
             with self._pipeline_lock:
@@ -879,6 +951,9 @@ class FoveaNode(Node):
 
     # -- health and run-time parameters ----------------------------------------------------------
     def _on_set_parameters(self, parameters) -> SetParametersResult:
+        if self.params is None:  # unconfigured: every value is checked again by configure
+            refused = validate_changes(PARAMS, parameters)[1]
+            return SetParametersResult(successful=refused is None, reason=refused or "")
         updated, monitor, refused = checked_parameter_changes(PARAMS, parameters, self.params, DIAGNOSED_STAGES)
         if refused:
             return SetParametersResult(successful=False, reason=refused)
@@ -945,22 +1020,21 @@ class FoveaNode(Node):
             samples.append(StageSample(name="slip", latency_p99_ms=p99("slip"), **common))
         return samples
 
+    def _diagnosed_stages(self) -> list[str]:
+        values = self.params or {name: self.get_parameter(name).value for name in ("encoder.enabled", "slip.enabled")}
+        off = {"encoder": values["encoder.enabled"] is not True, "slip": values["slip.enabled"] is not True}
+        return [stage for stage in DIAGNOSED_STAGES if not off.get(stage, False)]
+
     def _publish_diagnostics(self) -> None:
-        statuses = self.diagnostics.update(self._stage_samples(), time.monotonic())
+        state = self.lifecycle_state
+        if state == "active":
+            statuses = self.diagnostics.update(self._stage_samples(), time.monotonic())
+        else:
+            statuses = lifecycle_statuses(state, self._diagnosed_stages())
         stamp = self.get_clock().now().to_msg()
         self.pub_diagnostics.publish(
             diagnostic_array(statuses, self.get_fully_qualified_name(), self._hardware_id, stamp)
         )
-
-    def destroy_node(self):
-        """Stop the frame thread (it finishes the frame in hand) before the node's entities go."""
-        self._inbox.close()
-        if self._frame_thread is not None:
-            self._frame_thread.join(timeout=5.0)
-        if hasattr(self, "pipeline"):
-            with self._pipeline_lock:
-                self.pipeline.close()
-        return super().destroy_node()
 
     # -- outputs ----------------------------------------------------------------------------
     def _publish(self, output: PipelineOutput, age_ms: float, focal_px: float | None) -> None:

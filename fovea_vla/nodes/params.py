@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType
 from rclpy.exceptions import ParameterException
 
-__all__ = ["ConfigError", "ParamSpec", "declare_all", "format_table", "validate_changes"]
+__all__ = [
+    "ConfigError",
+    "ParamSpec",
+    "declare_all",
+    "declare_parameters",
+    "format_table",
+    "read_parameters",
+    "validate_changes",
+]
 
 _TYPES = {
     bool: ParameterType.PARAMETER_BOOL,
@@ -130,13 +138,42 @@ def declare_all(node, specs: Sequence[ParamSpec]) -> dict[str, object]:
     Raises:
         ValueError: a value of the wrong type, or out of its range or choices, naming the parameter.
     """
-    values = {}
+    return read_parameters(node, specs, declare_parameters(node, specs))
+
+
+def declare_parameters(node, specs: Sequence[ParamSpec]) -> list[str]:
+    """Declare every parameter on ``node`` with its descriptor, refusing nothing: where rclpy refuses
+    a given value (wrong type, out of range) the parameter is declared at its default instead.
+
+    Returns:
+        The reasons rclpy refused given values, each naming the parameter; a managed node reports
+        them when it is configured (:func:`read_parameters`).
+    """
+    refused = []
     for spec in specs:
         default = list(spec.default) if isinstance(spec.default, tuple) else spec.default
         try:
-            value = spec.coerce(node.declare_parameter(spec.name, default, spec.descriptor()).value)
+            node.declare_parameter(spec.name, default, spec.descriptor())
         except ParameterException as exc:
-            raise ValueError(f"parameter {spec.name}: {exc}") from exc
+            refused.append(f"parameter {spec.name}: {exc}")
+            node.declare_parameter(spec.name, default, spec.descriptor(), ignore_override=True)
+    return refused
+
+
+def read_parameters(node, specs: Sequence[ParamSpec], refused: Sequence[str] = ()) -> dict[str, object]:
+    """``{name: value}`` of the declared parameters, as they are now, each checked against its spec.
+
+    Args:
+        refused: reasons from :func:`declare_parameters`; the first is raised.
+
+    Raises:
+        ValueError: a refused value (wrong type, out of range or choices), naming the parameter.
+    """
+    if refused:
+        raise ValueError(refused[0])
+    values = {}
+    for spec in specs:
+        value = spec.coerce(node.get_parameter(spec.name).value)
         problem = spec.check(value)
         if problem:
             raise ValueError(problem)

@@ -2,7 +2,8 @@
 
 Runs in the process that owns the tokens (see ``vla_stack``): the action head reads the newest
 :class:`TokenFrame` at ``policy.rate_hz``, the chunk executor runs at ``control_rate_hz`` on its
-own timer and callback group, and every command passes the safety layer.
+own timer, and every command passes the safety layer. A managed (lifecycle) node: see
+:class:`PolicyNode` for what each transition does.
 
 Inputs: ``joint_states`` (sensor_msgs/JointState), ``ee_pose`` (geometry_msgs/PoseStamped, for
 ``action_space: ee_pose``), ``estop`` (std_msgs/Bool, latches), the instruction from fovea_node
@@ -18,15 +19,15 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from builtin_interfaces.msg import Duration
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped, TwistStamped
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.node import Node
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool, Float64, Float64MultiArray, Header, MultiArrayDimension
 from std_srvs.srv import Trigger
@@ -55,8 +56,9 @@ from fovea_vla.nodes.diagnostics import (
     diagnostics_config,
     diagnostics_params,
 )
+from fovea_vla.nodes.lifecycle import AUTOSTART, ManagedNode, lifecycle_statuses
 from fovea_vla.nodes.messages import MessageError, joint_positions, ns_to_stamp, stage_latencies, stamp_to_ns
-from fovea_vla.nodes.params import ConfigError, ParamSpec, declare_all
+from fovea_vla.nodes.params import ConfigError, ParamSpec, validate_changes
 from fovea_vla_msgs.msg import ActionChunk, DropCount, PolicyStats
 
 # Franka Emika Panda limits (datasheet), the defaults for the default joint names.
@@ -95,6 +97,7 @@ PARAMS: tuple[ParamSpec, ...] = (
         "(`fovea-vla policy embed`); empty = the bundled all-MiniLM-L6-v2.",
     ),
     ParamSpec("text_encoder.device", "cpu", "Torch device of the instruction embedding."),
+    AUTOSTART,
     ParamSpec(
         "action_space",
         "joint_position",
@@ -304,31 +307,76 @@ def executor_config_from_files(config: str) -> ExecutorConfig:
     )
 
 
-class PolicyNode(Node):
-    """Action head + chunk executor + safety as a ROS node, fed tokens in-process.
+class EncoderInfo(NamedTuple):
+    """What the running encoder produces: policy_node checks its checkpoint against it at configure.
+
+    Attributes:
+        architecture: the encoder's architecture (``vit_base_patch16``), None for a custom one.
+        token_dim: the token width T.
+        num_tokens: the token budget N; the head is warmed up (CUDA graph captured) for it.
+    """
+
+    architecture: str | None
+    token_dim: int
+    num_tokens: int
+
+
+class PolicyNode(ManagedNode):
+    """Action head + chunk executor + safety as a managed (lifecycle) ROS node, fed tokens in-process.
+
+    Lifecycle (see :mod:`fovea_vla.nodes.lifecycle`): **configure** asks ``encoder()`` what the
+    tokens are, reads and checks the parameters, loads the checkpoint and the instruction embedding,
+    warms the head up (CUDA graph), and creates the publishers (lifecycle publishers), the ``rearm``
+    service and the ``joint_states`` / ``ee_pose`` / ``estop`` subscriptions (an e-stop latches in
+    every configured state); **activate** starts the policy thread and the control and stats timers
+    (the first commands start from the measured state); **deactivate** commands a stop at once
+    (zero twist / one-point hold trajectory, as at shutdown), then stops the thread and timers:
+    no command follows. The executor, the e-stop latch and the instruction are kept.
+    **cleanup** releases the head, its CUDA graphs and the text encoder; the e-stop latch outlives
+    it (only ``rearm`` releases it).
 
     Args:
         tokens: the slot fovea_node publishes its tokens into.
-        encoder_architecture: the running encoder's architecture (checked against the checkpoint).
-        token_dim: the running encoder's token width.
-        kwargs: passed to ``rclpy.node.Node``.
-
-    Raises:
-        ConfigError: a refused parameter, or a checkpoint that does not fit (named).
+        encoder: called at configure: the running encoder's :class:`EncoderInfo`; raises
+            ``ConfigError`` when there is none yet (fovea_node not configured).
+        kwargs: passed to ``rclpy.lifecycle.LifecycleNode``.
     """
 
     NODE_NAME = "policy_node"
 
-    def __init__(self, tokens: LatestTokens, encoder_architecture: str | None, token_dim: int, **kwargs):
-        super().__init__(self.NODE_NAME, **kwargs)
+    def __init__(self, tokens: LatestTokens, encoder: Callable[[], EncoderInfo], **kwargs):
+        super().__init__(PARAMS, **kwargs)
         self.tokens = tokens
+        self._encoder = encoder
+        self.instruction = ""
+        self.text = None
+        self.runner: ActionHeadRunner | None = None
+        self.monitor: SafetyMonitor | None = None
+        # The executor and the monitor are touched by the policy thread, the control tick and the
+        # input callbacks.
+        self._lock = threading.Lock()
+        self._active = False  # commands go out only while active
+        self._stopping = threading.Event()
+        self._policy_thread: threading.Thread | None = None
+        self._clock_origin_ns = self.get_clock().now().nanoseconds
+        # /diagnostics in every state: a node that is not active says so.
+        self.pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", qos.outputs())
+        rate_hz = self.get_parameter("diagnostics.rate_hz").value  # read-only, range-checked when declared
+        if isinstance(rate_hz, int | float) and rate_hz > 0:
+            self.create_timer(1.0 / rate_hz, self._publish_diagnostics)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def _configure(self) -> None:
+        encoder = self._encoder()
         try:
-            self.params = p = declare_all(self, PARAMS)
-            self._configure(encoder_architecture, token_dim)
+            self.params = p = self.read_parameters()
+            self._load(encoder.architecture, encoder.token_dim)
             self.diagnostics = DiagnosticsMonitor(diagnostics_config(p, DIAGNOSED_STAGES))
+            # Capture the head's CUDA graph for the encoder's budget now, not in the policy thread.
+            self.runner.warm_up(encoder.num_tokens)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ConfigError(f"policy_node: invalid configuration: {exc}") from exc
-        self.instruction = ""
         self.joint_positions: dict[str, float] = {}
         self.ee_state: np.ndarray | None = None
         self.last_frame_ns = 0
@@ -341,42 +389,33 @@ class PolicyNode(Node):
         self.control_rate = RateMeter()
         self._started = False
         self._stop_logged: str | None = None
-        self._clock_origin_ns = self.get_clock().now().nanoseconds
         self._last_command: Command | None = None
-        # The executor and the monitor are touched by the policy timer, the control timer and the
-        # input callbacks, which a multi-threaded executor runs concurrently.
-        self._lock = threading.Lock()
         self._reanchor = False  # set when commands are switched on: start from the measured state
         self.policy_errors = 0
         self.input_drops = DropCounter()  # refused joint_states / ee_pose messages, "<topic>_<reason>"
         self._stats_header = Header()  # the newest chunk's source stamp and camera frame
         self._last_tick_s: float | None = None
-        self.pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", qos.outputs())
-        if p["diagnostics.rate_hz"] > 0:
-            self.create_timer(1.0 / p["diagnostics.rate_hz"], self._publish_diagnostics)
-        self.add_on_set_parameters_callback(self._on_set_parameters)
-        # The control tick and the e-stop share one group: a tick never publishes after the e-stop's hold.
-        control_group = MutuallyExclusiveCallbackGroup()
 
         state_qos = qos.sensor(p["state_qos.reliability"], 5)
-        self.create_subscription(JointState, "joint_states", self._on_joint_states, state_qos)
+        self.configured(self.create_subscription(JointState, "joint_states", self._on_joint_states, state_qos))
         if self.layout.action_space == "ee_pose":
-            self.create_subscription(PoseStamped, "ee_pose", self._on_ee_pose, state_qos)
-        self.create_subscription(Bool, "estop", self._on_estop, qos.outputs(), callback_group=control_group)
-        self.create_service(Trigger, "rearm", self._on_rearm)
+            self.configured(self.create_subscription(PoseStamped, "ee_pose", self._on_ee_pose, state_qos))
+        self.configured(self.create_subscription(Bool, "estop", self._on_estop, qos.outputs()))
+        self.configured(self.create_service(Trigger, "rearm", self._on_rearm))
         out = qos.outputs()
-        self.pub_chunk = self.create_publisher(ActionChunk, "action_chunk", out)
-        self.pub_stats = self.create_publisher(PolicyStats, "policy_stats", out)
+        publisher = self.create_lifecycle_publisher
+        self.pub_chunk = self.configured(publisher(ActionChunk, "action_chunk", out))
+        self.pub_stats = self.configured(publisher(PolicyStats, "policy_stats", out))
         self.pub_twist = self.pub_trajectory = self.pub_command = self.pub_gripper = None
         joint_space = self.layout.action_space == "joint_position"
         if p["outputs.cmd_twist"] and not joint_space:
-            self.pub_twist = self.create_publisher(TwistStamped, "cmd_twist", out)
+            self.pub_twist = self.configured(publisher(TwistStamped, "cmd_twist", out))
         if p["outputs.joint_trajectory"] and joint_space:
-            self.pub_trajectory = self.create_publisher(JointTrajectory, "joint_trajectory", out)
+            self.pub_trajectory = self.configured(publisher(JointTrajectory, "joint_trajectory", out))
         if p["outputs.command"] and joint_space:
-            self.pub_command = self.create_publisher(Float64MultiArray, "command", out)
+            self.pub_command = self.configured(publisher(Float64MultiArray, "command", out))
         if p["outputs.gripper_command"] and self.layout.gripper:
-            self.pub_gripper = self.create_publisher(Float64, "gripper_command", out)
+            self.pub_gripper = self.configured(publisher(Float64, "gripper_command", out))
         self._trajectory_points = p["outputs.trajectory_points"] if self.pub_trajectory is not None else 0
         active = [
             pub.topic_name for pub in (self.pub_twist, self.pub_trajectory, self.pub_command, self.pub_gripper) if pub
@@ -385,17 +424,45 @@ class PolicyNode(Node):
             f"commands on {', '.join(active) or 'nothing'}; "
             + ("actions ENABLED" if p["enable_actions"] else "dry run (enable_actions=false): no commands are sent")
         )
-        self.create_timer(1.0 / p["control_rate_hz"], self._control_tick, control_group)
+        if self.instruction:
+            self.set_instruction(self.instruction)  # embedded now, not in the first policy step
+
+    def _activate(self) -> None:
+        # A command held or stopped while inactive resumes from where the arm is now.
+        self._reanchor = self._started
+        self._active = True
+        self.activated(self.create_timer(1.0 / self.params["control_rate_hz"], self._control_tick))
         # Health even while no chunk comes (a dead camera): stats at 2 Hz as well as per chunk.
-        self.create_timer(0.5, self._publish_stats, control_group)
+        self.activated(self.create_timer(0.5, self._publish_stats))
         # Inference on its own thread, woken by new tokens: a slow chunk never delays a control tick,
         # and the executor only runs short callbacks (it busy-polls ones still running).
         self._stopping = threading.Event()
-        self._policy_thread = threading.Thread(target=self._policy_loop, name="policy", daemon=True)
+        self._policy_thread = threading.Thread(
+            target=self._policy_loop, args=(self._stopping,), name="policy", daemon=True
+        )
         self._policy_thread.start()
 
+    def _deactivate(self, reason: str) -> None:
+        """Stop commanding now: the stop command goes out first (publishers are still on), then the
+        policy thread stops (it finishes the step in hand); the timers go with the transition. The
+        control tick, the e-stop and the lifecycle services share the node's default (mutually
+        exclusive) callback group: no tick runs during a transition."""
+        if self._active:
+            self._active = False  # no control tick publishes after the stop
+            self.stop_commands(reason)
+        self._stopping.set()
+        if self._policy_thread is not None:
+            self._policy_thread.join(timeout=5.0)
+            self._policy_thread = None
+
+    def _release(self) -> None:
+        self.runner = None
+        self.text = None
+
     # -- configuration ---------------------------------------------------------------------
-    def _configure(self, encoder_architecture: str | None, token_dim: int) -> None:
+    def _load(self, encoder_architecture: str | None, token_dim: int) -> None:
+        """The checkpoint, the instruction embedding, the runner, the watchdog and the executor from
+        the parameters, checked against the running encoder."""
         p = self.params
         if not p["policy.checkpoint"]:
             raise ConfigError("policy.checkpoint is empty: set it to a policy checkpoint folder")
@@ -435,7 +502,9 @@ class PolicyNode(Node):
         self.runner = ActionHeadRunner(
             model, RunnerConfig(device=p["policy.device"], dtype=p["policy.dtype"], cuda_graphs=p["policy.cuda_graphs"])
         )
-        self.monitor = SafetyMonitor(WatchdogConfig(max_observation_age_s=p["max_observation_age_ms"] * 1e-3))
+        watchdog = WatchdogConfig(max_observation_age_s=p["max_observation_age_ms"] * 1e-3)
+        if self.monitor is None or self.monitor.cfg != watchdog:
+            self.monitor = SafetyMonitor(watchdog)  # else kept: a latched e-stop outlives a cleanup
         self.chunk_executor = ChunkExecutor(
             ExecutorConfig(
                 control_rate_hz=p["control_rate_hz"],
@@ -470,6 +539,9 @@ class PolicyNode(Node):
         return self._seconds(self.get_clock().now().nanoseconds)
 
     def _on_set_parameters(self, parameters) -> SetParametersResult:
+        if self.params is None:  # unconfigured: every value is checked again by configure
+            refused = validate_changes(PARAMS, parameters)[1]
+            return SetParametersResult(successful=refused is None, reason=refused or "")
         updated, monitor, refused = checked_parameter_changes(PARAMS, parameters, self.params, DIAGNOSED_STAGES)
         if refused:
             return SetParametersResult(successful=False, reason=refused)
@@ -485,6 +557,13 @@ class PolicyNode(Node):
         return SetParametersResult(successful=True)
 
     def _publish_diagnostics(self) -> None:
+        state = self.lifecycle_state
+        if state != "active":
+            hardware = self.device_label if self.runner is not None else ""
+            statuses = lifecycle_statuses(state, DIAGNOSED_STAGES)
+            stamp = self.get_clock().now().to_msg()
+            self.pub_diagnostics.publish(diagnostic_array(statuses, self.get_fully_qualified_name(), hardware, stamp))
+            return
         now = time.monotonic()
         now_ns = self.get_clock().now().nanoseconds
         with self._lock:
@@ -520,10 +599,12 @@ class PolicyNode(Node):
 
     # -- inputs ----------------------------------------------------------------------------
     def set_instruction(self, text: str) -> None:
-        """The instruction the policy follows (fovea_node forwards its topic and service)."""
-        start = time.perf_counter()
-        self.text.embed(text)  # embed now (cached), not inside the next policy step
-        self.latency.add("text", (time.perf_counter() - start) * 1e3)
+        """The instruction the policy follows (fovea_node forwards its topic and service), in any state."""
+        encoder, latency = self.text, getattr(self, "latency", None)
+        if encoder is not None and latency is not None:
+            start = time.perf_counter()
+            encoder.embed(text)  # embed now (cached), not inside the next policy step
+            latency.add("text", (time.perf_counter() - start) * 1e3)
         self.instruction = text
 
     def _drop_input(self, topic: str, reason: str, detail: str) -> None:
@@ -603,7 +684,8 @@ class PolicyNode(Node):
             self.monitor.estop(bool(msg.data), self._now_s())
         if msg.data:
             self.get_logger().error("E-STOP engaged: commands stopped until `rearm` is called")
-            self._control_tick()  # act now, not at the next tick
+            if self._active:
+                self._control_tick()  # act now, not at the next tick
 
     def _on_rearm(self, request: Trigger.Request, response: Trigger.Response):
         with self._lock:
@@ -617,26 +699,19 @@ class PolicyNode(Node):
         return response
 
     # -- policy ----------------------------------------------------------------------------
-    def _policy_loop(self) -> None:
-        """Run the head on each new frame's tokens, at most ``policy.rate_hz`` times a second."""
+    def _policy_loop(self, stopping: threading.Event) -> None:
+        """Run the head on each new frame's tokens, at most ``policy.rate_hz`` times a second, until ``stopping``."""
         period_s = 1.0 / self.params["policy.rate_hz"]
         seen, next_s = 0, 0.0
-        while not self._stopping.is_set():
+        while not stopping.is_set():
             published = self.tokens.wait_for_new(seen, timeout_s=0.1)
             if published == seen:
                 continue
             seen = published
-            if self._stopping.wait(max(0.0, next_s - time.monotonic())):
+            if stopping.wait(max(0.0, next_s - time.monotonic())):
                 break
             next_s = time.monotonic() + period_s
             self._policy_step()
-
-    def destroy_node(self):
-        """Stop the policy thread (it finishes the step in hand) before the node's entities go."""
-        if hasattr(self, "_policy_thread"):
-            self._stopping.set()
-            self._policy_thread.join(timeout=5.0)
-        return super().destroy_node()
 
     def _policy_step(self) -> None:
         try:
@@ -726,7 +801,7 @@ class PolicyNode(Node):
     def _control_tick(self) -> None:
         start = time.perf_counter()
         frame = self.tokens.latest()
-        if not self._started:
+        if not (self._started and self._active):
             return
         now_s = self._now_s()
         with self._lock:
@@ -768,7 +843,7 @@ class PolicyNode(Node):
 
     def stop_commands(self, reason: str) -> None:
         """Command a stop now, from the last commanded position: a zero twist, a one-point hold
-        trajectory, the same joint positions (process shutdown; a dry run sends nothing)."""
+        trajectory, the same joint positions (deactivate, shutdown; a dry run sends nothing)."""
         if not (self._started and self.params["enable_actions"]):
             return
         with self._lock:

@@ -20,6 +20,7 @@ import rclpy
 from geometry_msgs.msg import PoseStamped
 from hypothesis import event, example, given
 from hypothesis import strategies as st
+from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, JointState
 from std_msgs.msg import Header
@@ -28,7 +29,7 @@ from fovea_vla.core.policy.observation import LatestTokens
 from fovea_vla.core.policy.spaces import PANDA_JOINTS, rpy_to_quaternion
 from fovea_vla.nodes.fovea_node import FoveaNode
 from fovea_vla.nodes.messages import image_msg, ns_to_stamp
-from fovea_vla.nodes.policy_node import PolicyNode
+from fovea_vla.nodes.policy_node import EncoderInfo, PolicyNode
 from test.ros.test_policy_node import write_checkpoint
 
 from .strategies import (
@@ -74,6 +75,8 @@ def fovea(context):
     node = FoveaNode(
         frame_thread=False, context=context, parameter_overrides=[Parameter(k, value=v) for k, v in params.items()]
     )
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS, node.configure_error
+    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
     yield node
     node.destroy_node()
 
@@ -86,13 +89,14 @@ def _policy_node(context, folder, action_space: str) -> PolicyNode:
         "action_space": action_space,
         "max_observation_age_ms": MAX_AGE_MS,
     }
-    return PolicyNode(
+    node = PolicyNode(
         LatestTokens(),
-        encoder_architecture="vit_tiny_patch16",
-        token_dim=192,
+        encoder=lambda: EncoderInfo("vit_tiny_patch16", 192, 64),
         context=context,
         parameter_overrides=[Parameter(k, value=v) for k, v in params.items()],
     )
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS, node.configure_error
+    return node
 
 
 @pytest.fixture(scope="module")

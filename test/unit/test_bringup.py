@@ -83,8 +83,21 @@ def test_launch_arguments_match_node_graph_signature():
         "policy",
         "sim",
         "captions",
+        "autostart",
     }
     node_graph(**{a.name: a.default for a in LAUNCH_ARGUMENTS})
+
+
+@pytest.mark.parametrize("policy", ["true", "false"])
+def test_autostart_reaches_the_managed_nodes_only(policy):
+    for value, expected in (("true", True), ("false", False)):
+        graph = node_graph(use_replay=True, policy=policy, captions=True, autostart=value)
+        parameters = {spec.name: spec.parameters for spec in graph}
+        managed = "vla_stack" if policy == "true" else "fovea_node"
+        assert parameters[managed] == {"autostart": expected}
+        assert "autostart" not in parameters["camera_replay"] and "autostart" not in parameters["caption_node"]
+        argv = " ".join(command_for(next(s for s in graph if s.name == managed)))
+        assert f"-p autostart:={value}" in argv
 
 
 def test_captions_run_in_their_own_process_unless_turned_off():
