@@ -36,6 +36,7 @@ from fovea_vla.core.caption import (
     CaptionResult,
     CaptionScheduler,
     FoveatedView,
+    GpuGaps,
     PipelineSnapshot,
     VlmConfig,
     action_phase,
@@ -93,6 +94,19 @@ PARAMS: tuple[ParamSpec, ...] = (
         3.0,
         "Mean grey-level difference of the view's thumbnails that counts as a changed scene.",
         range=(0.0, 255.0),
+    ),
+    ParamSpec(
+        "caption.gpu_gaps.window_ms",
+        8.0,
+        "A model on a GPU starts its work (prefill, each token) only this long after fovea_node finished a frame, "
+        "so it runs between the action path's frames; 0 = no gating [ms].",
+        range=(0.0, 1000.0),
+    ),
+    ParamSpec(
+        "caption.gpu_gaps.timeout_ms",
+        200.0,
+        "Longest wait for a frame before a GPU step goes anyway (no camera, no action path) [ms].",
+        range=(1.0, 10000.0),
     ),
     ParamSpec("caption.cut_memory_s", 3.0, "How long the narration mentions a scene cut [s].", range=(0.1, 600.0)),
     ParamSpec("caption.prompt", DEFAULT_PROMPT, "Model prompt; {context} becomes the instruction and events."),
@@ -169,7 +183,9 @@ class CaptionNode(Node):
         os.nice(p["caption.nice"])
         if p["caption.sched_idle"] and hasattr(os, "SCHED_IDLE"):
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        captioner, reason = make_captioner(cfg)
+        window_ms = p["caption.gpu_gaps.window_ms"]
+        self.gaps = GpuGaps(window_ms * 1e-3, p["caption.gpu_gaps.timeout_ms"] * 1e-3) if window_ms > 0 else None
+        captioner, reason = make_captioner(cfg, self.gaps)
         log = self.get_logger().error if cfg.backend == "vlm" and captioner.kind != "vlm" else self.get_logger().info
         log(f"caption backend: {captioner.name} ({reason})")
         self.scheduler = CaptionScheduler(captioner, self._publish, self._on_caption_error)
@@ -232,6 +248,9 @@ class CaptionNode(Node):
         )
 
     def _on_fixation(self, msg: Fixation) -> None:
+        # A fixation comes out when fovea_node has finished a frame's GPU work.
+        if self.gaps is not None:
+            self.gaps.frame_done()
         self._fixation = msg
         self._last_input_s = time.monotonic()
 

@@ -16,6 +16,7 @@ from fovea_vla.core.caption import (
     CaptionScheduler,
     EventNarrator,
     EventsCaptioner,
+    GpuGaps,
     PipelineSnapshot,
     ViewCaptioner,
     ViewConfig,
@@ -200,6 +201,58 @@ def test_vlm_loads_offline_and_captions_the_foveated_view(tiny_vlm):
     again = captioner.caption(view.fovea, view.periphery, "push the red block", "Gaze: following a moving target.")
     assert again == text  # greedy decoding: the same view gives the same caption
     assert set(captioner.last_timing_ms) == {"preprocess", "generate"}
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_gpu_gaps_open_within_the_window_after_a_frame_and_otherwise_wait_for_the_next():
+    clock = FakeClock()
+    gaps = GpuGaps(window_s=0.008, timeout_s=30.0, clock=clock)
+    gaps.frame_done()
+    clock.now += 0.005
+    gaps.wait()  # inside the window: no frame needed
+    clock.now += 0.010  # past the window: the next wait needs the next frame
+    released = threading.Event()
+
+    def waiter():
+        gaps.wait()
+        released.set()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    assert not released.wait(0.2)  # still waiting: no frame yet
+    gaps.frame_done()
+    assert released.wait(30.0)
+    thread.join()
+    assert gaps.waits == 2 and gaps.timeouts == 0
+
+
+def test_gpu_gaps_time_out_without_frames_so_captions_go_on():
+    gaps = GpuGaps(window_s=0.008, timeout_s=0.01)
+    gaps.wait()
+    gaps.wait()
+    assert gaps.waits == 2 and gaps.timeouts == 2
+    with pytest.raises(ValueError):
+        GpuGaps(window_s=-1.0, timeout_s=1.0)
+
+
+def test_vlm_waits_for_a_gap_before_the_prefill_and_before_every_token(tiny_vlm):
+    captioner = VlmCaptioner(VlmConfig(model_path=str(tiny_vlm), max_new_tokens=5), GpuGaps(0.008, 1.0))
+    assert captioner.gaps is None  # on the CPU SCHED_IDLE already yields; gaps are for a shared GPU
+    gaps = captioner.gaps = GpuGaps(window_s=60.0, timeout_s=1.0)  # as on a GPU, always open
+    gaps.frame_done()
+    view = compose_view(_scene_frames(1)[0], (160.0, 120.0), ViewConfig(fovea_size=96, periphery_size=128))
+    plain = VlmCaptioner(VlmConfig(model_path=str(tiny_vlm), max_new_tokens=5))
+    text = captioner.caption(view.fovea, view.periphery, "push the red block")
+    assert text == plain.caption(view.fovea, view.periphery, "push the red block")  # gating changes no token
+    # One wait for the prefill, one per decoding step (every step's logits; at least one, at most max_new_tokens).
+    assert 2 <= gaps.waits <= 1 + 5
 
 
 def test_missing_or_incomplete_model_folders_are_clear_errors(tmp_path):

@@ -20,7 +20,7 @@ from fovea_vla.core.caption.captioner import (
 )
 from fovea_vla.core.caption.events import EventNarrator, PipelineSnapshot, action_phase
 from fovea_vla.core.caption.view import FoveatedView, ViewConfig, compose_view, view_difference, view_signature
-from fovea_vla.core.caption.vlm import CaptionModelError, VlmCaptioner, VlmConfig
+from fovea_vla.core.caption.vlm import CaptionModelError, GpuGaps, VlmCaptioner, VlmConfig
 
 __all__ = [
     "BACKENDS",
@@ -33,6 +33,7 @@ __all__ = [
     "EventNarrator",
     "EventsCaptioner",
     "FoveatedView",
+    "GpuGaps",
     "PipelineSnapshot",
     "ViewCaptioner",
     "ViewConfig",

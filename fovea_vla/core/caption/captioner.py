@@ -19,7 +19,7 @@ from typing import Protocol
 from fovea_vla.core._validation import is_real
 from fovea_vla.core.caption.events import EventNarrator, PipelineSnapshot
 from fovea_vla.core.caption.view import FoveatedView, view_difference, view_signature
-from fovea_vla.core.caption.vlm import CaptionModelError, VlmCaptioner, VlmConfig
+from fovea_vla.core.caption.vlm import CaptionModelError, GpuGaps, VlmCaptioner, VlmConfig
 
 __all__ = [
     "BACKENDS",
@@ -182,11 +182,11 @@ class CaptionConfig:
             raise ValueError(f"cut_memory_s={self.cut_memory_s!r}: must be > 0")
 
 
-def make_captioner(cfg: CaptionConfig) -> tuple[Captioner, str]:
+def make_captioner(cfg: CaptionConfig, gaps: GpuGaps | None = None) -> tuple[Captioner, str]:
     """The configured captioner and why it was chosen (one line, for the log).
 
     A model that cannot be loaded is reported in the reason and replaced by event narration, so
-    the node keeps captioning.
+    the node keeps captioning. ``gaps`` schedules a model on a CUDA device (see :class:`GpuGaps`).
     """
     narrator = EventNarrator(cut_memory_s=cfg.cut_memory_s)
     if cfg.backend == "events":
@@ -196,10 +196,12 @@ def make_captioner(cfg: CaptionConfig) -> tuple[Captioner, str]:
             return EventsCaptioner(narrator), "vlm requested but no model folder is configured: event narration"
         return EventsCaptioner(narrator), "auto: no model folder configured"
     try:
-        model = VlmCaptioner(cfg.vlm)
+        model = VlmCaptioner(cfg.vlm, gaps)
     except CaptionModelError as exc:
         return EventsCaptioner(narrator), f"{exc}; falling back to event narration"
     reason = f"{model.model_name} on {model.device} ({str(model.dtype).removeprefix('torch.')})"
+    if model.gaps is not None:
+        reason += f", GPU work only within {model.gaps.window_s * 1e3:.0f} ms after each frame"
     return ViewCaptioner(model, narrator, cfg.change_threshold), reason
 
 
