@@ -331,9 +331,11 @@ class TorchMotion:
             with torch.cuda.stream(stream):
                 self._after_fit(*self._before_fit())  # warm-up: cuBLAS handles, allocator blocks
                 first, second = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-                with torch.cuda.graph(first, stream=stream):
+                # thread_local: CUDA calls of the process's other threads (the action head, the encoder,
+                # a decoder) must not invalidate this capture.
+                with torch.cuda.graph(first, stream=stream, capture_error_mode="thread_local"):
                     stage = self._before_fit()
-                with torch.cuda.graph(second, pool=first.pool(), stream=stream):
+                with torch.cuda.graph(second, pool=first.pool(), stream=stream, capture_error_mode="thread_local"):
                     outputs = self._after_fit(*stage)
         except RuntimeError as exc:  # pragma: no cover - depends on the driver
             _LOG.warning("motion: CUDA graph capture failed (%s); launching kernels one by one", exc)
