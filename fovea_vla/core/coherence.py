@@ -120,13 +120,30 @@ class TemporalCoherence:
         self._held = None
         self._last_full_s = -math.inf
 
-    def decide(self, gray: np.ndarray, now_s: float, *, is_cut: bool = False) -> TextureDecision:
+    def measure(self, gray: np.ndarray) -> np.ndarray | None:
+        """Per-tile mean absolute grey difference between ``gray`` and what the texture holds, or
+        None when it holds nothing of that size. Reads the held copy only, so it may run on another
+        thread (beside the flow stage) as long as :meth:`decide` is not running meanwhile."""
+        held = self._held
+        if held is None or held.shape != gray.shape:
+            return None
+        step = self.cfg.tile_size
+        tile_pixels = self._tile_pixels
+        if tile_pixels is None or tile_pixels.shape != (-(-gray.shape[0] // step), -(-gray.shape[1] // step)):
+            tile_pixels = self._tile_pixels = tile_sums(np.ones(gray.shape, np.uint8), step)
+        return tile_sums(cv2.absdiff(gray, held), step) / tile_pixels
+
+    def decide(
+        self, gray: np.ndarray, now_s: float, *, is_cut: bool = False, measured: np.ndarray | None = None
+    ) -> TextureDecision:
         """Decide what to do with a frame and record that the texture will then hold it.
 
         Args:
             gray: (H, W) uint8 grey image of the new frame.
             now_s: its capture time [s].
             is_cut: the motion analysis saw a scene cut between the previous frame and this one.
+            measured: :meth:`measure` of this ``gray`` against the current held copy, when the
+                caller computed it already (else it is computed here).
 
         Returns:
             The decision. The caller must carry it out (the texture's content is assumed to
@@ -150,10 +167,7 @@ class TemporalCoherence:
 
         height, width = gray.shape
         step = cfg.tile_size
-        if self._tile_pixels is None or self._tile_pixels.shape != (-(-height // step), -(-width // step)):
-            self._tile_pixels = tile_sums(np.ones(gray.shape, np.uint8), step)
-        difference = cv2.absdiff(gray, self._held)
-        mean_difference = tile_sums(difference, step) / self._tile_pixels
+        mean_difference = self.measure(gray) if measured is None else measured
         dirty = mean_difference > cfg.change_threshold
         fraction = float(dirty.mean())
         if not dirty.any():

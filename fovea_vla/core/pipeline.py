@@ -23,6 +23,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -287,6 +288,10 @@ class FoveaPipeline:
         self._texture, self.backends["texture"] = make_texture(self.cfg.texture)
         self.encoder = FoveatedEncoder(self.cfg.encoder) if self.cfg.encoder is not None else None
         self._coherence = TemporalCoherence(self.cfg.coherence)
+        # One helper thread for work that overlaps the flow stage (see process()).
+        self._side = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="fovea_coherence") if self.cfg.flow_enabled else None
+        )
         self._cache: _TokenCache | None = None
         # Guards _cache between process() and the encoder thread.
         self._cache_lock = threading.Lock()
@@ -328,6 +333,8 @@ class FoveaPipeline:
         nothing to release."""
         if self._worker is not None:
             self._worker.close()
+        if self._side is not None:
+            self._side.shutdown(wait=True)
         close = getattr(self._texture, "close", None)
         if close is not None:
             close()
@@ -391,11 +398,15 @@ class FoveaPipeline:
             self.reset()  # a new size is a new camera: nothing of the old geometry carries over
             self._fixation = FixationController(self.cfg.fixation, width, height)
 
-        flow_result = motion = gray = slip = None
+        flow_result = motion = gray = slip = measuring = None
         prev_gray = self._prev_gray
         if self._flow is not None or self._slip is not None:
             t = time.perf_counter()
             gray = rgb_to_gray(frame.rgb)
+            if self._side is not None:
+                # The texture-difference half of the coherence stage runs beside flow and motion (OpenCV
+                # and the GPU wait release the GIL); its decision waits for the cut verdict below.
+                measuring = self._side.submit(self._coherence.measure, gray)
             if self._flow is not None and prev_gray is not None:
                 flow_result = self._flow.compute(self._prev_gray, gray)
                 if flow_result.device_ms is not None:
@@ -451,7 +462,8 @@ class FoveaPipeline:
         t = time.perf_counter()
         if gray is None:
             gray = rgb_to_gray(frame.rgb)
-        decision = self._coherence.decide(gray, now_s, is_cut=cut)
+        measured = None if measuring is None else measuring.result()
+        decision = self._coherence.decide(gray, now_s, is_cut=cut, measured=measured)
         self.decision_counts[decision.kind] += 1
         timing["coherence"] = (time.perf_counter() - t) * 1e3
         self._update_texture(self._texture_source(frame), decision, timing)

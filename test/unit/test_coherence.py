@@ -238,3 +238,23 @@ def test_cuda_tokens_after_incremental_update_equal_full_recompute(texture):
     rng = np.random.default_rng(9)
     pipeline = _encoder_pipeline("cuda", texture, change_threshold=0.0)
     _check_tokens_equal_full_recompute(pipeline, _moving_square_frames(rng, 4), texture, "cuda")
+
+
+def test_measure_ahead_gives_the_same_decisions_as_decide_alone():
+    """The pipeline measures the texture difference beside the flow stage and decides later."""
+    rng = np.random.default_rng(11)
+    background = _scene(rng)
+    images = []
+    for i in range(6):
+        image = background.copy()
+        image[40 + 10 * i : 80 + 10 * i, 50:120] = (220, 30, 30)
+        images.append(image)
+    grays = [rgb_to_gray(img) for img in [*images, images[-1]]]
+    alone, ahead = TemporalCoherence(CoherenceConfig()), TemporalCoherence(CoherenceConfig())
+    for index, gray in enumerate(grays):
+        now_s = index * FRAME_NS * 1e-9
+        measured = ahead.measure(gray)
+        assert (measured is None) == (index == 0)
+        a, b = alone.decide(gray, now_s), ahead.decide(gray, now_s, measured=measured)
+        assert (a.kind, a.dirty_fraction) == (b.kind, b.dirty_fraction) and np.array_equal(a.rects, b.rects)
+    assert [alone.decide(g, 1.0).kind for g in grays[-1:]] == ["static"]
