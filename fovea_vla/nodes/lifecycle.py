@@ -124,7 +124,7 @@ class ManagedNode(LifecycleNode):
 
     # -- what a node implements -------------------------------------------------------------
     def _configure(self) -> None:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define _configure")
 
     def _activate(self) -> None:
         pass

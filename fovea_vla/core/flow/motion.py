@@ -59,7 +59,15 @@ import numpy as np
 from fovea_vla.core._validation import is_int, is_real
 from fovea_vla.core.flow.base import FlowResult, grid_shape
 
-__all__ = ["EGO_MODELS", "MotionAnalysis", "MotionAnalyzer", "MotionConfig", "make_example", "tile_sums"]
+__all__ = [
+    "EGO_MODELS",
+    "MotionAnalysis",
+    "MotionAnalyzer",
+    "MotionConfig",
+    "changed_tiles",
+    "make_example",
+    "tile_sums",
+]
 
 EGO_MODELS = ("translation", "affine", "homography")
 
@@ -352,11 +360,7 @@ class MotionAnalyzer:
         tile_fraction = (tile_sums(occupied, step) / self._tile_blocks).astype(np.float32)
         independent_tiles = tile_fraction >= cfg.tile_moving_fraction
 
-        if is_cut:
-            changed = np.ones_like(independent_tiles)
-        else:
-            photometric = tile_photometric > cfg.photometric_threshold
-            changed = photometric | independent_tiles | (tile_ego > cfg.motion_threshold_px)
+        changed = changed_tiles(cfg, is_cut, tile_photometric, independent_tiles, tile_ego)
         return MotionAnalysis(
             tile_size=cfg.tile_size,
             grid=grid,
@@ -601,6 +605,17 @@ class MotionAnalyzer:
         warped = cv2.remap(cur_c, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         disagree = np.abs(_normalised(prev_c, inside) - _normalised(warped, inside)) > self.cfg.cut_tolerance
         return photometric, float(disagree[inside].mean())
+
+
+def changed_tiles(
+    cfg: MotionConfig, is_cut: bool, tile_photometric: np.ndarray, independent_tiles: np.ndarray, tile_ego: np.ndarray
+) -> np.ndarray:
+    """Tiles whose pixels changed: every tile on a cut, else a photometric change, independent
+    motion, or camera motion above the motion threshold."""
+    if is_cut:
+        return np.ones_like(independent_tiles)
+    photometric = tile_photometric > cfg.photometric_threshold
+    return photometric | independent_tiles | (tile_ego > cfg.motion_threshold_px)
 
 
 def _normalised(image: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:

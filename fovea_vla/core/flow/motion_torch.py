@@ -59,6 +59,7 @@ from fovea_vla.core.flow.motion import (
     MotionAnalyzer,
     MotionConfig,
     _checked_inputs,
+    changed_tiles,
 )
 
 __all__ = ["TorchMotion", "area_weights", "opencv_remap_rounds_coordinates"]
@@ -200,11 +201,7 @@ class TorchMotion:
         cut_photometric, cut_mismatch, cut_score, is_cut = (float(v) for v in scalars)
         is_cut = is_cut > 0.5
 
-        if is_cut:
-            changed = np.ones_like(independent_tiles)
-        else:
-            photometric = tile_photometric > cfg.photometric_threshold
-            changed = photometric | independent_tiles | (tile_ego > cfg.motion_threshold_px)
+        changed = changed_tiles(cfg, is_cut, tile_photometric, independent_tiles, tile_ego)
         return MotionAnalysis(
             tile_size=cfg.tile_size,
             grid=grid,
