@@ -21,7 +21,6 @@ import cv2
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PointStamped
-from rcl_interfaces.msg import SetParametersResult
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, JointState, RegionOfInterest
 from std_msgs.msg import Bool, Header, String
 from visualization_msgs.msg import MarkerArray
@@ -47,7 +46,6 @@ from fovea_vla.core.stats import DropCounter, LatencyTracker, RateMeter
 from fovea_vla.core.texture import TextureConfig
 from fovea_vla.nodes import qos
 from fovea_vla.nodes.diagnostics import (
-    checked_parameter_changes,
     diagnostic_array,
     diagnostics_config,
     diagnostics_params,
@@ -68,7 +66,7 @@ from fovea_vla.nodes.messages import (
     slip_msg,
     stage_latencies,
 )
-from fovea_vla.nodes.params import ConfigError, ParamSpec, validate_changes
+from fovea_vla.nodes.params import ConfigError, ParamSpec
 from fovea_vla.nodes.runner import run_node
 from fovea_vla_msgs.msg import (
     BackendChoice,
@@ -604,7 +602,7 @@ class FoveaNode(ManagedNode):
     NODE_NAME = "fovea_node"
 
     def __init__(self, token_sink: Callable[[TokenFrame], None] | None = None, frame_thread: bool = True, **kwargs):
-        super().__init__(PARAMS, **kwargs)
+        super().__init__(PARAMS, DIAGNOSED_STAGES, **kwargs)
         self._token_sink = token_sink
         self._use_frame_thread = frame_thread
         # Serialises the pipeline between the frame thread and the callbacks that steer it.
@@ -950,21 +948,6 @@ class FoveaNode(ManagedNode):
                 listener(text)
 
     # -- health and run-time parameters ----------------------------------------------------------
-    def _on_set_parameters(self, parameters) -> SetParametersResult:
-        if self.params is None:  # unconfigured: every value is checked again by configure
-            refused = validate_changes(PARAMS, parameters)[1]
-            return SetParametersResult(successful=refused is None, reason=refused or "")
-        updated, monitor, refused = checked_parameter_changes(PARAMS, parameters, self.params, DIAGNOSED_STAGES)
-        if refused:
-            return SetParametersResult(successful=False, reason=refused)
-        if monitor is not None:
-            self.diagnostics = monitor
-        changes = {name: value for name, value in updated.items() if value != self.params[name]}
-        self.params = updated
-        for name, value in changes.items():
-            self.get_logger().info(f"parameter {name} -> {value!r}")
-        return SetParametersResult(successful=True)
-
     def _stage_samples(self) -> list[StageSample]:
         now = time.monotonic()
         arrived = None if self._last_arrival_s is None else now - self._last_arrival_s

@@ -26,6 +26,7 @@ import threading
 import traceback
 from collections.abc import Callable, Sequence
 
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.lifecycle import LifecycleNode, LifecyclePublisher, LifecycleState, TransitionCallbackReturn
 from rclpy.publisher import Publisher
@@ -34,7 +35,8 @@ from rclpy.subscription import Subscription
 from rclpy.timer import Timer
 
 from fovea_vla.core.diagnostics import Level, Status
-from fovea_vla.nodes.params import ParamSpec, declare_parameters, read_parameters
+from fovea_vla.nodes.diagnostics import checked_parameter_changes
+from fovea_vla.nodes.params import ParamSpec, declare_parameters, read_parameters, validate_changes
 
 __all__ = ["AUTOSTART", "ManagedNode", "autostart", "lifecycle_statuses"]
 
@@ -64,9 +66,10 @@ class ManagedNode(LifecycleNode):
 
     NODE_NAME = ""
 
-    def __init__(self, specs: Sequence[ParamSpec], **kwargs):
+    def __init__(self, specs: Sequence[ParamSpec], diagnosed_stages: Sequence[str] = (), **kwargs):
         super().__init__(self.NODE_NAME, **kwargs)
         self._specs = tuple(specs)
+        self._diagnosed_stages = tuple(diagnosed_stages)
         self._refused = declare_parameters(self, self._specs)
         self.params: dict[str, object] | None = None
         self.configure_error: str | None = None
@@ -95,6 +98,30 @@ class ManagedNode(LifecycleNode):
     def read_parameters(self) -> dict[str, object]:
         """The parameter values as they are now, checked (raises ValueError naming a refused one)."""
         return read_parameters(self, self._specs, self._refused)
+
+    # -- run-time parameter changes -----------------------------------------------------------
+    def _on_set_parameters(self, parameters) -> SetParametersResult:
+        """The on-set callback: a refused value is refused with the reason; while configured, the
+        checked values replace ``params`` (and the diagnostics thresholds) and the changes go to
+        :meth:`_parameters_changed`."""
+        if self.params is None:  # unconfigured: every value is checked again by configure
+            refused = validate_changes(self._specs, parameters)[1]
+            return SetParametersResult(successful=refused is None, reason=refused or "")
+        updated, monitor, refused = checked_parameter_changes(
+            self._specs, parameters, self.params, self._diagnosed_stages
+        )
+        if refused:
+            return SetParametersResult(successful=False, reason=refused)
+        if monitor is not None:
+            self.diagnostics = monitor
+        changes = {name: value for name, value in updated.items() if value != self.params[name]}
+        self.params = updated
+        self._parameters_changed(changes)
+        return SetParametersResult(successful=True)
+
+    def _parameters_changed(self, changes: dict[str, object]) -> None:
+        for name, value in changes.items():
+            self.get_logger().info(f"parameter {name} -> {value!r}")
 
     # -- entities scoped to a state ---------------------------------------------------------
     def configured(self, entity):

@@ -27,7 +27,6 @@ import numpy as np
 from builtin_interfaces.msg import Duration
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped, TwistStamped
-from rcl_interfaces.msg import SetParametersResult
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool, Float64, Float64MultiArray, Header, MultiArrayDimension
 from std_srvs.srv import Trigger
@@ -51,14 +50,13 @@ from fovea_vla.core.policy.text import TextEncoderConfig, load_text_encoder
 from fovea_vla.core.stats import DropCounter, LatencyTracker, RateMeter
 from fovea_vla.nodes import qos
 from fovea_vla.nodes.diagnostics import (
-    checked_parameter_changes,
     diagnostic_array,
     diagnostics_config,
     diagnostics_params,
 )
 from fovea_vla.nodes.lifecycle import AUTOSTART, ManagedNode, lifecycle_statuses
 from fovea_vla.nodes.messages import MessageError, joint_positions, ns_to_stamp, stage_latencies, stamp_to_ns
-from fovea_vla.nodes.params import ConfigError, ParamSpec, validate_changes
+from fovea_vla.nodes.params import ConfigError, ParamSpec
 from fovea_vla_msgs.msg import ActionChunk, DropCount, PolicyStats
 
 # Franka Emika Panda limits (datasheet), the defaults for the default joint names.
@@ -345,7 +343,7 @@ class PolicyNode(ManagedNode):
     NODE_NAME = "policy_node"
 
     def __init__(self, tokens: LatestTokens, encoder: Callable[[], EncoderInfo], **kwargs):
-        super().__init__(PARAMS, **kwargs)
+        super().__init__(PARAMS, DIAGNOSED_STAGES, **kwargs)
         self.tokens = tokens
         self._encoder = encoder
         self.instruction = ""
@@ -538,23 +536,12 @@ class PolicyNode(ManagedNode):
     def _now_s(self) -> float:
         return self._seconds(self.get_clock().now().nanoseconds)
 
-    def _on_set_parameters(self, parameters) -> SetParametersResult:
-        if self.params is None:  # unconfigured: every value is checked again by configure
-            refused = validate_changes(PARAMS, parameters)[1]
-            return SetParametersResult(successful=refused is None, reason=refused or "")
-        updated, monitor, refused = checked_parameter_changes(PARAMS, parameters, self.params, DIAGNOSED_STAGES)
-        if refused:
-            return SetParametersResult(successful=False, reason=refused)
-        if monitor is not None:
-            self.diagnostics = monitor
-        changes = {name: value for name, value in updated.items() if value != self.params[name]}
-        if changes.get("enable_actions") and not self.params["enable_actions"]:
+    def _parameters_changed(self, changes: dict[str, object]) -> None:
+        if changes.get("enable_actions"):
             self._reanchor = True  # the dry run's command may be far from the arm
-        self.params = updated
         for name, value in changes.items():
             log = self.get_logger().warning if name == "enable_actions" else self.get_logger().info
             log(f"parameter {name} -> {value!r}")
-        return SetParametersResult(successful=True)
 
     def _publish_diagnostics(self) -> None:
         state = self.lifecycle_state
