@@ -69,7 +69,7 @@ class ManagedNode(LifecycleNode):
     def __init__(self, specs: Sequence[ParamSpec], diagnosed_stages: Sequence[str] = (), **kwargs):
         super().__init__(self.NODE_NAME, **kwargs)
         self._specs = tuple(specs)
-        self._diagnosed_stages = tuple(diagnosed_stages)
+        self._threshold_stages = tuple(diagnosed_stages)
         self._refused = declare_parameters(self, self._specs)
         self.params: dict[str, object] | None = None
         self.configure_error: str | None = None
@@ -108,7 +108,7 @@ class ManagedNode(LifecycleNode):
             refused = validate_changes(self._specs, parameters)[1]
             return SetParametersResult(successful=refused is None, reason=refused or "")
         updated, monitor, refused = checked_parameter_changes(
-            self._specs, parameters, self.params, self._diagnosed_stages
+            self._specs, parameters, self.params, self._threshold_stages
         )
         if refused:
             return SetParametersResult(successful=False, reason=refused)
