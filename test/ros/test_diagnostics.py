@@ -21,10 +21,11 @@ OK, WARN, ERROR, STALE = (bytes([level]) for level in range(4))
 
 
 class Health:
-    """The newest status per name that /diagnostics carried for one namespace."""
+    """The newest status per name that /diagnostics carried for one namespace's nodes; names are
+    kept without ``/<namespace>/`` and ``node``'s ``"<node>: "`` prefix (all nodes' when None)."""
 
-    def __init__(self, probe, namespace: str):
-        self.prefix = f"/{namespace}/fovea_node: "
+    def __init__(self, probe, namespace: str, node: str | None = "fovea_node"):
+        self.prefix = f"/{namespace}/" + (f"{node}: " if node else "")
         self.latest: dict[str, DiagnosticStatus] = {}
         probe.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_array, qos.outputs(50))
 
@@ -36,6 +37,10 @@ class Health:
     def level(self, stage: str) -> bytes | None:
         status = self.latest.get(stage)
         return None if status is None else status.level
+
+    def says(self, name: str, words: str) -> bool:
+        status = self.latest.get(name)
+        return status is not None and words in status.message
 
 
 def test_stage_levels_follow_starvation_and_thresholds_and_bad_run_time_values_are_refused(ros_probe, tmp_path):

@@ -10,7 +10,7 @@ import signal
 import time
 
 import pytest
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from diagnostic_msgs.msg import DiagnosticStatus
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
 from trajectory_msgs.msg import JointTrajectory
@@ -21,6 +21,7 @@ from fovea_vla.nodes import policy_node, qos
 from fovea_vla.nodes.messages import stamp_to_ns
 from fovea_vla_msgs.msg import Fixation
 
+from .test_diagnostics import Health
 from .test_policy_node import STARTUP_S, moving, start_stack, write_checkpoint
 
 TRANSITION_S = 120.0  # configure loads the encoder, the checkpoint and the sentence model on CI's two cores
@@ -78,24 +79,6 @@ class Managed:
         return self._change.call_async(ChangeState.Request(transition=Transition(label=label)))
 
 
-class Health:
-    """The newest /diagnostics status per name of one namespace's nodes."""
-
-    def __init__(self, probe, namespace: str):
-        self.prefix = f"/{namespace}/"
-        self.latest: dict[str, DiagnosticStatus] = {}
-        probe.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_array, qos.outputs(50))
-
-    def _on_array(self, msg: DiagnosticArray) -> None:
-        for status in msg.status:
-            if status.name.startswith(self.prefix):
-                self.latest[status.name.removeprefix(self.prefix)] = status
-
-    def says(self, name: str, words: str) -> bool:
-        status = self.latest.get(name)
-        return status is not None and words in status.message
-
-
 def published_ns(trajectory: JointTrajectory) -> int:
     """When policy_node published ``trajectory`` [ns, its ROS clock: system time, as the probe's]. The
     header stamp is the source frame's capture stamp, not the publication time; but the first point is
@@ -124,7 +107,7 @@ def test_vla_stack_through_its_lifecycle_services(ros_probe, tmp_path_factory):
     )
     fixations: list[Fixation] = []
     ros_probe.node.create_subscription(Fixation, f"/{namespace}/fixation", fixations.append, qos.outputs(100))
-    health = Health(ros_probe, namespace)
+    health = Health(ros_probe, namespace, node=None)
     fovea = Managed(ros_probe, namespace, "fovea_node", processes)
     policy = Managed(ros_probe, namespace, "policy_node", processes)
     wait = ros_probe.wait_for
@@ -235,7 +218,7 @@ def test_refused_parameter_leaves_the_node_unconfigured_and_the_process_running(
         "fovea_node": {"flow.grid": 9},  # out of its range: rclpy refuses it when declaring
         "policy_node": {"policy.checkpoint": str(tmp_path / "policy")},
     }
-    health = Health(ros_probe, namespace)
+    health = Health(ros_probe, namespace, node=None)
     processes = GraphProcesses(graph, namespace=namespace, parameters=parameters, log_dir=tmp_path).start()
     try:
         fovea = Managed(ros_probe, namespace, "fovea_node", processes)
