@@ -168,6 +168,12 @@ def test_joint_trajectories_carry_the_source_frame_stamp_and_stay_in_limits(ros_
     )
     # The probe sees the camera only from when DDS matched it with camera_replay, which can be after
     # vla_stack took its first frame: chunks from frames before the probe's first are not comparable.
+    ros_probe.wait_for(
+        lambda: any(stamp_to_ns(c.header.stamp) in robot.image_stamps for c in robot.chunks),
+        60.0,
+        "a chunk from a frame the probe saw",
+        processes,
+    )
     first_seen = min(robot.image_stamps)
     assert any(stamp_to_ns(chunk.header.stamp) >= first_seen for chunk in robot.chunks)
     for chunk in robot.chunks:
