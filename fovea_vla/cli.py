@@ -231,6 +231,7 @@ def _cmd_bench_encoder(args) -> int:
         video=None if args.video == "none" else Path(args.video) if args.video else encoder_node.DEFAULT_VIDEO,
         video_frames=args.video_frames,
         encoder_image=args.encoder_image,
+        incremental_mips_max_fraction=args.incremental_mips_max_fraction,
     )
     table = encoder_node.format_table(results)
     return _report_bench(args, "encoder", "Vision stage: texture, encoder, token reuse", table, results)
@@ -288,6 +289,13 @@ def _add_bench_encoder_parser(bench_sub) -> None:
         "(default: foveated 1920x1080 against the 1024x1024 grid)",
     )
     encoder.add_argument("--video-frames", type=int, default=2000, help="frames of the video to run")
+    encoder.add_argument(
+        "--incremental-mips-max-fraction",
+        type=float,
+        default=None,
+        help="the vision stage rebuilds the mips incrementally up to this dirty share, else whole "
+        "(default: 0.02 on a GPU as config/desktop_gpu.yaml, 1 on the CPU)",
+    )
     encoder.add_argument("--json", default=None, help="also write the results as JSON here")
     encoder.add_argument("--no-append", action="store_true", help="do not append to docs/BENCHMARKS.md")
     encoder.set_defaults(func=_cmd_bench_encoder)

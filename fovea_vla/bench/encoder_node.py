@@ -6,11 +6,14 @@ waits for, host work included), median over ``runs`` after ``warmup``:
 - every available texture backend at each resolution: full upload (level 0 and every mip),
   partial upload of ``dirty_fraction`` of the 32-px tiles (random tiles), full mip rebuild,
   incremental mip rebuild over those tiles, sampling the foveated layout (273 patches of 16x16);
-- the whole vision stage per backend: partial upload + incremental mips + sampling + encoder;
+- the whole vision stage per backend: partial upload + mips + sampling + encoder, with the frame
+  on the host and (backends that take them) on the device, the mips incremental and (where
+  ``incremental_mips_max_fraction`` picks it) whole;
 - the encoder alone: the foveated tokens against the full-resolution grid of 1024x1024 (4,096
   tokens of 16x16) through the same weights, CUDA graphs on the GPU, batch 1; eager too;
-- token reuse on a static-camera video through the whole pipeline (flow, coherence): the share
-  of frames per decision and of frames whose tokens came from the cache.
+- token reuse on a static-camera video through the whole pipeline (flow, fixation, coherence,
+  encoder) for each ``coherence.reencode`` mode, with the controller's own gaze and with the gaze
+  held: frames that reused all or some tokens, tokens encoded, error against a full encode.
 
 Requirements: torch (CPU works; the GPU rows need CUDA, CuPy or EGL + cuda-python as each
 backend says). The video comes from ../shared/data (skipped when absent).
@@ -30,7 +33,7 @@ from fovea_vla.core.encoder import EncoderConfig, FoveatedEncoder, full_resoluti
 from fovea_vla.core.foveation import FoveationConfig, foveated_layout
 from fovea_vla.core.frames import Frame
 from fovea_vla.core.texture import TEXTURE_BACKENDS, TextureConfig, make_texture
-from fovea_vla.core.texture.base import tiles_to_rects
+from fovea_vla.core.texture.base import mip_rebuild_rects, tiles_to_rects
 
 __all__ = ["DEFAULT_VIDEO", "format_table", "run"]
 
@@ -89,12 +92,14 @@ def _texture_rows(backend: str, device: str, width: int, height: int, args: dict
     def partial_upload():
         texture.upload_rects(frames[next(counter) % 2], rects)
 
-    def vision():
-        texture.upload_rects(frames[next(counter) % 2], rects)
-        texture.rebuild_mips(rects)
-        patches = texture.sample(layout.centers, layout.sizes, layout.patch_size)
-        if encoder is not None:
+    def vision(sources, mip_rects):
+        def body():
+            texture.upload_rects(sources[next(counter) % 2], rects)
+            texture.rebuild_mips(mip_rects)
+            patches = texture.sample(layout.centers, layout.sizes, layout.patch_size)
             encoder.encode(patches, layout.centers, layout.levels, (width, height))
+
+        return body
 
     stages = {
         "full upload + mips": _time(lambda: texture.upload(first), device, runs, warmup, sync),
@@ -106,7 +111,22 @@ def _texture_rows(backend: str, device: str, width: int, height: int, args: dict
         ),
     }
     if encoder is not None:
-        stages["vision stage (partial + mips + sampling + encoder)"] = _time(vision, device, runs, warmup, sync)
+        # The frame on the host (raw images, a CPU decoder) and, where the backend takes them, already
+        # on the device (nvJPEG / NVDEC decode there); the mips incremental, and whole where
+        # texture.incremental_mips_max_fraction picks that at this dirty share (same texels).
+        sources = {"host frame": frames}
+        if getattr(texture, "accepts_device_frames", False):
+            import torch
+
+            sources["device frame"] = tuple(torch.from_numpy(f).to(texture.device) for f in frames)
+        mip_choices = {"incremental mips": rects}
+        if mip_rebuild_rects(rects, width, height, args["mips_fraction"]) is None:
+            mip_choices["whole mips"] = None
+        for source, images in sources.items():
+            for mips, mip_rects in mip_choices.items():
+                stages[f"vision stage ({source}, partial upload + {mips} + sampling + encoder)"] = _time(
+                    vision(images, mip_rects), device, runs, warmup, sync
+                )
     close = getattr(texture, "close", None)
     if close is not None:
         close()
@@ -148,32 +168,62 @@ def _encoder_rows(encoder: FoveatedEncoder, args: dict) -> dict:
     return rows
 
 
-def _reuse_rows(video: Path, max_frames: int, device: str) -> dict:
+REUSE_CASES = (("changed", "pursuit"), ("changed", "held"), ("all", "pursuit"), ("all", "held"))
+
+
+def _reuse_rows(video: Path, max_frames: int, device: str, architecture: str) -> dict:
+    """Token reuse through the whole pipeline (flow, fixation, coherence, texture, encoder) on a
+    static-camera video, for each re-encoding mode with the fixation controller's own gaze
+    (pursuit and saccades) and with the gaze held at the image centre. Every 10th frame the
+    tokens are compared with a full encode of the same patches (relative L2 error per token)."""
+    import torch
+
+    from fovea_vla.core.coherence import CoherenceConfig
     from fovea_vla.core.pipeline import FoveaPipeline, PipelineConfig
     from fovea_vla.core.sources import open_source
 
-    pipeline = FoveaPipeline(PipelineConfig(texture=TextureConfig(backend="torch", device=device)))
-    dirty = []
     with open_source(str(video)) as source:
-        for index, item in enumerate(source):
-            if index >= max_frames:
-                break
-            out = pipeline.process(
-                Frame(
-                    rgb=item.rgb,
-                    stamp_ns=int((item.source_time_s if item.source_time_s is not None else index / 30) * 1e9),
-                    frame_id="camera",
-                )
+        frames = [item.rgb for _, item in zip(range(max_frames), source, strict=False)]
+    height, width = frames[0].shape[:2]
+    rows = {}
+    for reencode, gaze in REUSE_CASES:
+        pipeline = FoveaPipeline(
+            PipelineConfig(
+                texture=TextureConfig(backend="torch", device=device),
+                coherence=CoherenceConfig(reencode=reencode),
+                encoder=EncoderConfig(architecture=architecture, device=device),
             )
-            dirty.append(out.dirty_fraction)
-    frames = sum(pipeline.decision_counts.values())
-    return {
-        "video": video.name,
-        "frames": frames,
-        "decisions": {kind: count / frames for kind, count in sorted(pipeline.decision_counts.items())},
-        "frames_reusing_tokens": pipeline.frames_reused / frames,
-        "mean_dirty_fraction": float(np.mean(dirty)),
-    }
+        )
+        if gaze == "held":
+            pipeline.set_external_fixation(width / 2, height / 2, hold_s=1e9)
+        updated, errors = [], []
+        for index, rgb in enumerate(frames):
+            out = pipeline.process(Frame(rgb=rgb, stamp_ns=round(index * 1e9 / 30), frame_id="camera"))
+            updated.append(out.tokens_updated)
+            if index % 10 == 0:
+                full = pipeline.encoder.encode(out.patches, out.layout.centers, out.layout.levels, (width, height))
+                reference = full.tokens.float()
+                error = (out.tokens.float() - reference).norm(dim=1) / reference.norm(dim=1).clamp_min(1e-12)
+                errors.append(float(error.mean()))
+        pipeline.close()
+        updated = np.asarray(updated)
+        count = len(updated)
+        tokens = pipeline.tokens_total / count
+        rows[f"{reencode} / {gaze}"] = {
+            "frames": count,
+            "decisions": {kind: n / count for kind, n in sorted(pipeline.decision_counts.items())},
+            "frames_reusing_all_tokens": pipeline.frames_reused / count,
+            "frames_reusing_some_tokens": pipeline.frames_partly_reused / count,
+            "frames_reusing_tokens": (pipeline.frames_reused + pipeline.frames_partly_reused) / count,
+            "tokens_encoded_share": pipeline.tokens_updated / pipeline.tokens_total,
+            "tokens_per_frame": tokens,
+            "token_error_mean": float(np.mean(errors)),
+            "token_error_max": float(np.max(errors)),
+        }
+        del pipeline
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return {"video": video.name, "size": f"{width}x{height}", "architecture": architecture, "cases": rows}
 
 
 def run(
@@ -188,6 +238,7 @@ def run(
     video: Path | None = DEFAULT_VIDEO,
     video_frames: int = 2000,
     encoder_image: tuple[int, int] | None = None,
+    incremental_mips_max_fraction: float | None = None,
 ) -> dict:
     """Time every stage; returns a JSON-able dict (see :func:`format_table`)."""
     texture_device = TextureConfig(device=device).resolved_device()
@@ -200,6 +251,10 @@ def run(
         "encoder_runs": encoder_runs or (runs if on_gpu else 3),
         "encoder_warmup": warmup if on_gpu else 1,
         "encoder_image": encoder_image,
+        # config/desktop_gpu.yaml's value on a GPU, the parameter's default (always incremental) on the CPU.
+        "mips_fraction": incremental_mips_max_fraction
+        if incremental_mips_max_fraction is not None
+        else (0.02 if on_gpu else 1.0),
     }
     results: dict = {"architecture": architecture, "device": texture_device, "texture": {}, "skipped": {}}
     for backend in backends or TEXTURE_BACKENDS.names():
@@ -216,7 +271,9 @@ def run(
             )
     results["encoder"] = _encoder_rows(encoder, args)
     if video is not None and Path(video).is_file():
-        results["reuse"] = _reuse_rows(Path(video), video_frames, texture_device)
+        # On the CPU a ViT-Tiny keeps the whole video within minutes; the reuse counts do not depend on it.
+        reuse_architecture = architecture if on_gpu else "vit_tiny_patch16"
+        results["reuse"] = _reuse_rows(Path(video), video_frames, texture_device, reuse_architecture)
     else:
         results["skipped"]["reuse"] = f"video not found: {video}"
     return results
@@ -238,12 +295,21 @@ def format_table(results: dict) -> str:
     lines.append(f"| {results['architecture']} | full-resolution / foveated time | {full / foveated:.1f}x | |")
     reuse = results.get("reuse")
     if reuse:
-        shares = ", ".join(f"{kind} {share:.1%}" for kind, share in reuse["decisions"].items())
         lines.append(
-            f"\nToken reuse on {reuse['video']} ({reuse['frames']} frames): {reuse['frames_reusing_tokens']:.1%} "
-            f"of frames reuse cached tokens; decisions: {shares}; "
-            f"mean dirty-tile share {reuse['mean_dirty_fraction']:.1%}."
+            f"\nToken reuse on {reuse['video']} ({reuse['size']}, {reuse['architecture']}): re-encoding mode / gaze; "
+            "frames that reused all / some of their tokens; tokens encoded of all; token error vs a full encode "
+            "(relative L2, mean of every 10th frame, mean / max)\n"
         )
+        lines.append("| mode / gaze | frames | reuse all | reuse some | reuse any | tokens encoded | error mean/max |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for case, row in reuse["cases"].items():
+            lines.append(
+                f"| {case} | {row['frames']} | {row['frames_reusing_all_tokens']:.1%} | "
+                f"{row['frames_reusing_some_tokens']:.1%} | {row['frames_reusing_tokens']:.1%} | "
+                f"{row['tokens_encoded_share']:.1%} | {row['token_error_mean']:.2e} / {row['token_error_max']:.2e} |"
+            )
+        decisions = next(iter(reuse["cases"].values()))["decisions"]
+        lines.append("\nDecisions: " + ", ".join(f"{kind} {share:.1%}" for kind, share in decisions.items()) + ".")
     for backend, reason in results["skipped"].items():
         lines.append(f"\nSkipped {backend}: {reason}")
     return "\n".join(lines)

@@ -44,7 +44,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -262,9 +262,28 @@ class _Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, qkv_cache: torch.Tensor | None = None, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Self-attention over ``x``; with ``qkv_cache`` (B, S + 1, 3D), over the cached sequence.
+
+        Without ``index`` the projections of the whole sequence are stored in the cache's first
+        rows; with ``index`` (n,) sequence positions, ``x`` holds only those rows: their
+        projections replace the cached ones and they attend to all S cached keys (the last
+        cache row takes padding rows and is never attended to).
+        """
         b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        heads, head_dim = self.num_heads, d // self.num_heads
+        qkv = self.qkv(x)
+        if qkv_cache is None or index is None:
+            if qkv_cache is not None:
+                qkv_cache[:, :n].copy_(qkv)
+            q, k, v = qkv.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            qkv_cache.index_copy_(1, index, qkv)
+            q = qkv.reshape(b, n, 3, heads, head_dim)[:, :, 0].transpose(1, 2)
+            length = qkv_cache.shape[1] - 1
+            k, v = qkv_cache[:, :length].reshape(b, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)[1:].unbind(0)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(b, n, d))
 
@@ -290,8 +309,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = _Mlp(dim, mlp_hidden)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(
+        self, x: torch.Tensor, qkv_cache: torch.Tensor | None = None, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), qkv_cache, index)
         return x + self.mlp(self.norm2(x))
 
 
@@ -470,14 +491,62 @@ class FoveatedViT(nn.Module):
             without a class token), in the module's dtype, after the final LayerNorm unless
             ``output == "pre_norm"``.
         """
-        x = self.embed(patches, centers, levels, image_size)
-        for block in self.blocks:
-            x = block(x)
-        if self.output == "tokens":
-            x = self.norm(x)
+        x = self.forward_sequence(patches, centers, levels, image_size)
         if self.class_token:
             return x[:, 1:], x[:, 0]
         return x, None
+
+    def forward_sequence(
+        self, patches: torch.Tensor, centers: torch.Tensor, levels: torch.Tensor, image_size, qkv_cache=None
+    ) -> torch.Tensor:
+        """:meth:`forward`'s whole output sequence, (B, S, D) with S = N (+ 1 class token first).
+
+        Args:
+            qkv_cache: optional (depth, B, S + 1, 3D) tensor in the module's dtype that receives
+                every block's attention projections, for :meth:`forward_rows` on later frames.
+        """
+        x = self.embed(patches, centers, levels, image_size)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if qkv_cache is None else qkv_cache[i])
+        return self.norm(x) if self.output == "tokens" else x
+
+    def forward_rows(
+        self,
+        patches: torch.Tensor,
+        centers: torch.Tensor,
+        levels: torch.Tensor,
+        image_size,
+        rows: torch.Tensor,
+        qkv_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Re-encode some tokens of a sequence encoded earlier, the others taken from the cache.
+
+        The given rows (and the class token) run through every block, attending to the cached
+        keys and values of the rows not given; their new projections replace the cached ones.
+        Exact for the given rows when the others did not change; the rows not given keep their
+        earlier outputs, which no longer see the given rows' new content (the approximation of
+        token-gated transformers, bounded by refreshing with a full encode).
+
+        Args:
+            patches, centers, levels: (B, M, ...) inputs of the rows to re-encode.
+            image_size: (W, H) [px].
+            rows: (M,) int64 token indices in [0, N]; index N marks a padding row (any inputs)
+                whose results land in the cache's spare row.
+            qkv_cache: (depth, B, S + 1, 3D) from :meth:`forward_sequence` (updated in place).
+
+        Returns:
+            ``(x, positions)``: (B, M', D) new outputs and their (M',) sequence positions (the
+            class token first when present, M' = M + 1), to scatter into the sequence.
+        """
+        x = self.embed_patches(patches) + self.position_embedding(centers, image_size) + self.level_embedding(levels)
+        positions = rows
+        if self.class_token:
+            cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+            x = torch.cat((cls, x), dim=1)
+            positions = torch.cat((rows.new_zeros(1), rows + 1))
+        for i, block in enumerate(self.blocks):
+            x = block(x, qkv_cache[i], positions)
+        return (self.norm(x) if self.output == "tokens" else x), positions
 
     # --- persistence -------------------------------------------------------------------------
 
@@ -921,8 +990,12 @@ class EncoderOutput:
         cls: ([B,] D) class-token output, or None without a class token.
         timing_ms: wall time of ``encode`` [ms], input copies and (on CUDA) waiting for the
             result included.
-        device_ms: CUDA: the encoder's GPU time [ms] from CUDA events; None on CPU.
-        graph: whether a CUDA graph was replayed (captured first for a new (B, N) shape).
+        device_ms: CUDA: the encoder's GPU time [ms] from CUDA events; None on CPU (and when
+            nothing was re-encoded).
+        graph: whether a CUDA graph was replayed (captured first for a new shape).
+        reencoded: tokens per frame that went through the blocks: N for a full encode, fewer
+            when :meth:`FoveatedEncoder.update` re-encoded only the changed ones, 0 when it
+            reused every token.
     """
 
     tokens: torch.Tensor
@@ -930,24 +1003,48 @@ class EncoderOutput:
     timing_ms: float
     device_ms: float | None
     graph: bool
+    reencoded: int = 0
 
 
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    inputs: tuple[torch.Tensor, ...]  # patches, centers, levels, image size: the static buffers
-    outputs: tuple[torch.Tensor, torch.Tensor | None]
-    # Pinned host copies for the inputs that arrive on the CPU: a copy from pageable memory would
-    # make the host wait for all queued GPU work (texture upload, sampling) before replaying.
-    staging: tuple[torch.Tensor | None, ...]
+    inputs: tuple[torch.Tensor, ...]  # the static input buffers
+    outputs: tuple[torch.Tensor | None, ...]
+    # Inputs that arrive on the CPU travel packed: per dtype one pinned host buffer and one copy to
+    # the device buffer their static inputs are views of. A copy from pageable memory would make the
+    # host wait for all queued GPU work (texture upload, sampling) before replaying, and one copy
+    # per small input costs more than the packing.
+    packed: list[tuple[torch.Tensor, torch.Tensor, list[tuple[int, torch.Tensor]]]]
+
+
+@dataclass
+class _Tracked:
+    """What :meth:`FoveatedEncoder.update` keeps of the last frame of one token count."""
+
+    qkv: torch.Tensor  # (depth, 1, S + 1, 3D) every block's attention projections
+    sequence: torch.Tensor  # (1, S + 1, D) outputs; the last row takes padding rows
+    patches: torch.Tensor  # (1, N + 1, 3, P, P) float32 inputs of those outputs (+ padding row)
+    centers: torch.Tensor  # (1, N + 1, 2)
+    levels: torch.Tensor  # (1, N + 1)
+    image_size: tuple[float, float] | None = None  # None until a full encode filled the state
+
+
+# Smallest padded row count of a partial re-encode; each power of two above it is one CUDA graph.
+_MIN_ROW_BUCKET = 8
 
 
 class FoveatedEncoder:
     """Inference stage: the configured :class:`FoveatedViT` on its device and dtype.
 
-    On CUDA with ``cuda_graphs``, each new (B, N) shape is captured once into a CUDA graph
-    (after a warm-up on a side stream) whose static input buffers every later call of that shape
-    copies into before replaying. On the CPU the module runs eagerly.
+    On CUDA with ``cuda_graphs``, each new shape is captured once into a CUDA graph (after a
+    warm-up on a side stream) whose static input buffers every later call of that shape copies
+    into before replaying. On the CPU the module runs eagerly.
+
+    :meth:`encode` encodes every token. :meth:`update` keeps the last frame's state (per token
+    count, batch 1) and re-encodes only the tokens whose inputs changed (see
+    :meth:`FoveatedViT.forward_rows`), the padded row count rounded up to a power of two so a
+    handful of graphs serve every frame.
 
     Args:
         cfg: stage parameters; default :class:`EncoderConfig`.
@@ -971,7 +1068,8 @@ class FoveatedEncoder:
         self.model.mean, self.model.std = mean.to(self.device), std.to(self.device)
         self._cuda = self.device.type == "cuda"
         self._use_graphs = cfg.cuda_graphs and self._cuda
-        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._graphs: dict[tuple, _Graph] = {}
+        self._tracked: dict[int, _Tracked] = {}
         self._events = (
             (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if self._cuda else None
         )
@@ -982,12 +1080,13 @@ class FoveatedEncoder:
 
     @property
     def graph_shapes(self) -> list[tuple[int, int]]:
-        """(B, N) shapes with a captured CUDA graph."""
-        return sorted(self._graphs)
+        """(B, N) shapes of :meth:`encode` with a captured CUDA graph."""
+        return sorted(key[1:] for key in self._graphs if key[0] == "encode")
 
     def reset(self) -> None:
-        """Drop the captured CUDA graphs (their memory is freed; the next call re-captures)."""
+        """Drop the captured CUDA graphs and the state of :meth:`update` (the next call starts afresh)."""
         self._graphs.clear()
+        self._tracked.clear()
 
     def save(self, path: str | os.PathLike) -> None:
         """Save the module (:meth:`FoveatedViT.save`)."""
@@ -1017,21 +1116,81 @@ class FoveatedEncoder:
         size = torch.tensor([float(image_size[0]), float(image_size[1])], dtype=torch.float32)
         return (patches.float(), centers, levels, size), batched
 
-    def _capture(self, inputs) -> _Graph:
-        static = tuple(t.to(self.device, copy=True) for t in inputs)
+    def _capture(self, run: Callable, inputs) -> _Graph:
+        static: list[torch.Tensor | None] = [None] * len(inputs)
+        packed = []
+        for dtype in sorted({t.dtype for t in inputs if t.device.type == "cpu"}, key=str):
+            members = [i for i, t in enumerate(inputs) if t.device.type == "cpu" and t.dtype == dtype]
+            total = sum(inputs[i].numel() for i in members)
+            device_buffer = torch.empty(total, dtype=dtype, device=self.device)
+            host_buffer = torch.empty(total, dtype=dtype, pin_memory=True)
+            views, offset = [], 0
+            for i in members:
+                count = inputs[i].numel()
+                static[i] = device_buffer[offset : offset + count].view(inputs[i].shape)
+                views.append((i, host_buffer[offset : offset + count].view(inputs[i].shape)))
+                offset += count
+            packed.append((device_buffer, host_buffer, views))
+        for i, t in enumerate(inputs):
+            if static[i] is None:
+                static[i] = t.to(self.device, copy=True)
+        entry = _Graph(torch.cuda.CUDAGraph(), tuple(static), (), packed)
+        self._fill(entry, inputs)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             # Warm-up outside the graph: cuBLAS/attention kernels pick their algorithms and workspaces.
             for _ in range(3):
-                self.model(*static)
+                run(*entry.inputs)
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
         # thread_local: another thread (the policy in vla_stack) may use the GPU while this one captures.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            outputs = self.model(*static)
-        staging = tuple(torch.empty_like(t, pin_memory=True) if t.device.type == "cpu" else None for t in inputs)
-        return _Graph(graph, static, outputs, staging)
+        with torch.cuda.graph(entry.graph, capture_error_mode="thread_local"):
+            entry.outputs = run(*entry.inputs)
+        return entry
+
+    @staticmethod
+    def _fill(entry: _Graph, inputs) -> None:
+        """Copy a call's inputs into the graph's static buffers (the pinned ones are free again:
+        every call waits for its result)."""
+        for device_buffer, host_buffer, views in entry.packed:
+            for i, view in views:
+                view.copy_(inputs[i])
+            device_buffer.copy_(host_buffer, non_blocking=True)
+        for slot, value in zip(entry.inputs, inputs, strict=True):
+            if value.device.type != "cpu":
+                slot.copy_(value, non_blocking=True)
+
+    def _run(self, key: tuple, run: Callable, inputs) -> tuple:
+        """``run(*inputs)`` on the device: eagerly, or through the CUDA graph of ``key``, timed
+        with the CUDA events. ``run`` must be idempotent (the capture warms it up on these inputs)."""
+        if not self._use_graphs:
+            inputs = tuple(t.to(self.device, non_blocking=True) for t in inputs)
+            if self._events:
+                self._events[0].record()
+            outputs = run(*inputs)
+            if self._events:
+                self._events[1].record()
+            return outputs
+        entry = self._graphs.get(key)
+        if entry is None:
+            # Capturing records without running: the replay below computes these inputs.
+            entry = self._graphs[key] = self._capture(run, inputs)
+        else:
+            self._fill(entry, inputs)
+        self._events[0].record()
+        entry.graph.replay()
+        self._events[1].record()
+        return entry.outputs
+
+    def _finish(self, start: float, tokens, cls, batched: bool, reencoded: int) -> EncoderOutput:
+        device_ms = None
+        if self._events and reencoded:
+            torch.cuda.current_stream(self.device).synchronize()
+            device_ms = self._events[0].elapsed_time(self._events[1])
+        if not batched:
+            tokens, cls = tokens[0], (cls[0] if cls is not None else None)
+        graph = self._use_graphs and reencoded > 0
+        return EncoderOutput(tokens, cls, (time.perf_counter() - start) * 1e3, device_ms, graph, reencoded)
 
     def encode(self, patches, centers, levels, image_size: tuple[float, float]) -> EncoderOutput:
         """Encode one frame's (or a batch of frames') foveated patches.
@@ -1052,39 +1211,127 @@ class FoveatedEncoder:
         """
         start = time.perf_counter()
         inputs, batched = self._inputs(patches, centers, levels, image_size)
-        key = tuple(inputs[0].shape[:2])
         with torch.no_grad():
-            if self._use_graphs:
-                entry = self._graphs.get(key)
-                if entry is None:
-                    # Capturing records without running: the replay below computes these inputs.
-                    entry = self._graphs[key] = self._capture(inputs)
-                else:
-                    # The staging buffers are free again: every call waits for its result below.
-                    for slot, stage, value in zip(entry.inputs, entry.staging, inputs, strict=True):
-                        if stage is not None and value.device.type == "cpu":
-                            value = stage.copy_(value)
-                        slot.copy_(value, non_blocking=True)
-                self._events[0].record()
-                entry.graph.replay()
-                self._events[1].record()
-                outputs = entry.outputs
+            tokens, cls = self._run(("encode", *inputs[0].shape[:2]), self.model, inputs)
+            # A graph overwrites its outputs on the next replay of this shape.
+            tokens, cls = tokens.clone(), (cls.clone() if cls is not None else None)
+        return self._finish(start, tokens, cls, batched, int(inputs[0].shape[0] * inputs[0].shape[1]))
+
+    def update(
+        self,
+        patches,
+        centers,
+        levels,
+        image_size: tuple[float, float],
+        changed=None,
+        *,
+        max_changed_fraction: float = 1.0,
+    ) -> EncoderOutput:
+        """Encode one frame (batch 1), re-encoding only the tokens that changed since the last call.
+
+        Keeps the state of the last call per token count. With ``changed`` given and a state of
+        this image size, only the changed tokens are re-encoded against the others' cached keys
+        and values (:meth:`FoveatedViT.forward_rows`), and none changed returns the last outputs
+        again; otherwise (or above ``max_changed_fraction``) the whole frame is encoded, which
+        also refreshes the state.
+
+        Args:
+            patches, centers, levels, image_size: as :meth:`encode`, unbatched (N tokens).
+            changed: (N,) bool, the tokens whose patch, centre or level differ from the last
+                call's (the caller's knowledge, or :meth:`changed_tokens`); None encodes all.
+            max_changed_fraction: share of changed tokens in [0, 1] above which the whole frame
+                is encoded instead.
+
+        Returns:
+            :class:`EncoderOutput`; ``reencoded`` says how many tokens went through the blocks.
+
+        Raises:
+            ValueError: shapes that do not fit, a batch, or ``changed`` of the wrong shape.
+        """
+        start = time.perf_counter()
+        inputs, batched = self._inputs(patches, centers, levels, image_size)
+        if batched:
+            raise ValueError(f"update takes one frame, got a batch of patches {tuple(inputs[0].shape)}")
+        n = int(inputs[0].shape[1])
+        rows = None
+        if changed is not None:
+            mask = np.asarray(changed.cpu() if isinstance(changed, torch.Tensor) else changed, dtype=bool)
+            if mask.shape != (n,):
+                raise ValueError(f"changed must be ({n},) bool to match the tokens, got {mask.shape}")
+            rows = np.flatnonzero(mask)
+        size = (float(image_size[0]), float(image_size[1]))
+        state = self._tracked.get(n)
+        if state is None:
+            state = self._tracked[n] = self._new_state(n)
+        with torch.no_grad():
+            if rows is None or state.image_size != size or len(rows) > max_changed_fraction * n:
+                self._run(("full", n), lambda *x: self._encode_full(state, *x), inputs)
+                state.image_size = size
+                reencoded = n
+            elif len(rows):
+                self._encode_rows(state, inputs, rows)
+                reencoded = len(rows)
             else:
-                inputs = tuple(t.to(self.device, non_blocking=True) for t in inputs)
-                if self._events:
-                    self._events[0].record()
-                outputs = self.model(*inputs)
-                if self._events:
-                    self._events[1].record()
-            # The graph overwrites its outputs on the next replay of this shape.
-            tokens, cls = (t.clone() if t is not None else None for t in outputs)
-        device_ms = None
-        if self._events:
-            torch.cuda.current_stream(self.device).synchronize()
-            device_ms = self._events[0].elapsed_time(self._events[1])
-        if not batched:
-            tokens, cls = tokens[0], (cls[0] if cls is not None else None)
-        return EncoderOutput(tokens, cls, (time.perf_counter() - start) * 1e3, device_ms, self._use_graphs)
+                reencoded = 0
+            first = 1 if self.model.class_token else 0
+            tokens = state.sequence[:, first : first + n].clone()
+            cls = state.sequence[:, 0].clone() if self.model.class_token else None
+        return self._finish(start, tokens, cls, False, reencoded)
+
+    def changed_tokens(self, patches, centers, levels, image_size: tuple[float, float]) -> np.ndarray | None:
+        """(N,) bool: the tokens whose patch, centre or level differ from :meth:`update`'s last
+        inputs (exact comparison; one small device-to-host copy), or None without a state of this
+        token count and image size."""
+        inputs, batched = self._inputs(patches, centers, levels, image_size)
+        n = int(inputs[0].shape[1])
+        state = self._tracked.get(n)
+        if batched or state is None or state.image_size != (float(image_size[0]), float(image_size[1])):
+            return None
+        with torch.no_grad():
+            patches, centers, levels, _ = (t.to(self.device, non_blocking=True) for t in inputs)
+            differs = (patches[0] != state.patches[0, :n]).flatten(1).any(1)
+            differs |= (centers[0] != state.centers[0, :n]).any(1) | (levels[0] != state.levels[0, :n])
+            return differs.cpu().numpy()
+
+    def _new_state(self, n: int) -> _Tracked:
+        model, p = self.model, self.model.patch_size
+        length = n + (1 if model.class_token else 0)
+        zeros = {"device": self.device}
+        return _Tracked(
+            qkv=torch.zeros(model.depth, 1, length + 1, 3 * model.embed_dim, dtype=self.dtype, **zeros),
+            sequence=torch.zeros(1, length + 1, model.embed_dim, dtype=self.dtype, **zeros),
+            patches=torch.zeros(1, n + 1, 3, p, p, **zeros),
+            centers=torch.zeros(1, n + 1, 2, **zeros),
+            levels=torch.zeros(1, n + 1, **zeros),
+        )
+
+    def _encode_full(self, state: _Tracked, patches, centers, levels, size):
+        n = patches.shape[1]
+        state.patches[:, :n].copy_(patches)
+        state.centers[:, :n].copy_(centers)
+        state.levels[:, :n].copy_(levels)
+        sequence = self.model.forward_sequence(patches, centers, levels, size, state.qkv)
+        state.sequence[:, : sequence.shape[1]].copy_(sequence)
+
+    def _encode_rows(self, state: _Tracked, inputs, rows: np.ndarray) -> None:
+        patches, centers, levels, size = inputs
+        n = patches.shape[1]
+        bucket = max(_MIN_ROW_BUCKET, 1 << (len(rows) - 1).bit_length()) if self._use_graphs else len(rows)
+        index = np.full(bucket, n, dtype=np.int64)
+        index[: len(rows)] = rows
+        # Padding rows repeat the first changed row's inputs; their results land in the spare row.
+        gather = torch.from_numpy(np.where(index == n, rows[0], index))
+        rows_in = (patches, centers[:, gather], levels[:, gather], size, torch.from_numpy(index), gather)
+
+        def run(patches, centers, levels, size, index, gather):
+            patches = patches.index_select(1, gather)
+            state.patches.index_copy_(1, index, patches)
+            state.centers.index_copy_(1, index, centers)
+            state.levels.index_copy_(1, index, levels)
+            x, positions = self.model.forward_rows(patches, centers, levels, size, index, state.qkv)
+            state.sequence.index_copy_(1, positions, x)
+
+        self._run(("rows", n, bucket), run, rows_in)
 
 
 # --- layouts and examples -----------------------------------------------------------------------

@@ -6,8 +6,10 @@ cache) and reports how long each stage took. It is ROS-free: the node feeds it d
 publishes what it returns; tests and benchmarks drive it directly.
 
 The texture is updated as :mod:`fovea_vla.core.coherence` decides: fully, over dirty tiles only,
-or not at all; on a static frame whose fixations did not move, sampling and encoding are skipped
-and the previous frame's patches and tokens are returned again (``tokens_reused``).
+or not at all; then only the tokens whose footprint the update reached or whose position the
+layout moved are sampled and encoded again (``tokens_updated``; the others keep their cached
+patches and tokens), and when none are, the previous frame's patches and tokens are returned
+again (``tokens_reused``).
 
 Tokens reach their consumer through ``on_tokens`` (a :class:`TokenUpdate` per frame that has tokens).
 With ``async_encoder`` the encoder runs on its own thread over the newest sampled patches, so the
@@ -28,7 +30,13 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from fovea_vla.core.coherence import CoherenceConfig, TemporalCoherence, TextureDecision
+from fovea_vla.core.coherence import (
+    CoherenceConfig,
+    TemporalCoherence,
+    TextureDecision,
+    dirty_tokens,
+    keep_token_positions,
+)
 from fovea_vla.core.encoder import EncoderConfig, FoveatedEncoder
 from fovea_vla.core.fixation import FixationConfig, FixationController, FixationState
 from fovea_vla.core.flow import FlowConfig, FlowResult, make_flow
@@ -48,6 +56,7 @@ from fovea_vla.core.registry import BackendSelection
 from fovea_vla.core.slip import SlipEvent
 from fovea_vla.core.slip_stage import Grasp, SlipStage, SlipStageConfig
 from fovea_vla.core.texture import TextureConfig, make_texture
+from fovea_vla.core.texture.base import mip_rebuild_rects
 
 __all__ = ["FoveaPipeline", "PipelineConfig", "PipelineOutput", "TokenUpdate", "make_example"]
 
@@ -129,7 +138,10 @@ class PipelineOutput:
             :mod:`fovea_vla.core.coherence`).
         dirty_fraction: share of tiles that differed from the texture, in [0, 1].
         tokens_reused: ``layout`` and ``patches`` (and ``tokens``) are the cached ones of an
-            earlier frame whose texture this frame left unchanged.
+            earlier frame: nothing this frame changed reached them.
+        tokens_updated: tokens sampled (and encoded) again on this frame: 0 when all were
+            reused, ``layout.num_tokens`` for a whole encode, in between when only the changed
+            ones were (``coherence.reencode="changed"``).
         tokens_stamp_ns: capture stamp [ns] of the frame ``patches`` were sampled on.
         tokens: torch.Tensor (N, D) encoder tokens in layout order on the encoder's device, or
             None without an encoder.
@@ -155,6 +167,7 @@ class PipelineOutput:
     decision: str = "first"
     dirty_fraction: float = 1.0
     tokens_reused: bool = False
+    tokens_updated: int = 0
     tokens_stamp_ns: int = 0
     tokens: object = None
     cls_token: object = None
@@ -200,9 +213,14 @@ class _EncodeJob:
 class _EncoderWorker:
     """The encoder on its own thread, always on the newest job (older unstarted jobs are skipped)."""
 
-    def __init__(self, encoder: FoveatedEncoder, done: Callable[[_EncodeJob, object], None]):
+    def __init__(
+        self, encoder: FoveatedEncoder, done: Callable[[_EncodeJob, object], None], max_changed_fraction: float | None
+    ):
         self._encoder = encoder
         self._done = done
+        # Token level (a fraction): the worker skips jobs, so what changed is measured against what it
+        # encoded last, not taken from the pipeline.
+        self._max_changed_fraction = max_changed_fraction
         self._inbox: NewestQueue[_EncodeJob] = NewestQueue(1)
         self.skipped = 0
         self.errors = 0
@@ -220,8 +238,15 @@ class _EncoderWorker:
             if job is None:
                 continue
             try:
-                layout = job.layout
-                encoded = self._encoder.encode(job.patches, layout.centers, layout.levels, (job.width, job.height))
+                inputs = (job.patches, job.layout.centers, job.layout.levels, (job.width, job.height))
+                if self._max_changed_fraction is not None:
+                    encoded = self._encoder.update(
+                        *inputs,
+                        changed=self._encoder.changed_tokens(*inputs),
+                        max_changed_fraction=self._max_changed_fraction,
+                    )
+                else:
+                    encoded = self._encoder.encode(*inputs)
             except Exception as exc:  # one bad frame must not end the thread: counted, the next job runs
                 self.errors += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
@@ -300,10 +325,17 @@ class FoveaPipeline:
         self._latest: _TokenCache | None = None
         self._last_encoder_ms = 0.0
         if self.encoder is not None and self.cfg.async_encoder:
-            self._worker = _EncoderWorker(self.encoder, self._encoded)
-        # Frames per coherence decision, and frames whose tokens came from the cache.
+            coherence = self.cfg.coherence
+            token_level = coherence.max_reencode_fraction if coherence.reencode == "changed" else None
+            self._worker = _EncoderWorker(self.encoder, self._encoded, token_level)
+        # Frames per coherence decision; frames whose tokens all came from the cache, and those
+        # where only some were sampled and encoded again; tokens sampled and encoded, of all.
         self.decision_counts: Counter[str] = Counter()
         self.frames_reused = 0
+        self.frames_partly_reused = 0
+        self.tokens_updated = 0
+        self.tokens_total = 0
+        self._partial_encodes = 0  # consecutive frames encoded in part since the last whole encode
         self._budget = None
         if self.cfg.adaptive_budget.enabled:
             self._budget = AdaptiveBudget(self.cfg.adaptive_budget, self.cfg.foveation.num_tokens)
@@ -476,36 +508,72 @@ class FoveaPipeline:
         foveation = self.cfg.foveation
         if self._budget is not None:
             foveation = replace(foveation, num_tokens=self._budget.tokens)
-        reuse = (
-            decision.kind == "static"
+        coherence = self.cfg.coherence
+        texture_kept = decision.kind in ("static", "partial")
+        usable = (
+            texture_kept
             and cache is not None
             and cache.layout.num_tokens == foveation.num_tokens
-            and cache.serves(centres, weights, focal_px, self.cfg.coherence.max_fixation_shift_px)
+            and cache.focal_px == focal_px
+            and len(cache.weights) == len(weights)
         )
+        updated = None  # (N,) tokens to sample and encode again; None = all of them
+        layout = None
+        if coherence.reencode == "all":
+            if (
+                usable
+                and decision.kind == "static"
+                and cache.serves(centres, weights, focal_px, coherence.max_fixation_shift_px)
+            ):
+                updated = np.zeros(cache.layout.num_tokens, dtype=bool)
+        else:
+            built = layout = self._build_layout(foveation, width, height, centres, weights, focal_px, timing)
+            if usable:
+                layout, updated = keep_token_positions(built, cache.layout, coherence.token_shift_fraction)
+                updated |= dirty_tokens(layout, decision.rects)
+                stale = self._partial_encodes >= coherence.max_partial_encodes
+                if updated.mean() > coherence.max_reencode_fraction or (stale and updated.any()):
+                    # A whole encode takes the layout as built, without positions held from the cache.
+                    layout, updated = built, None
+        reuse = updated is not None and not updated.any()
         if reuse:
             self.frames_reused += 1
             layout, patches = cache.layout, cache.patches
+            tokens_updated = 0
         else:
+            if layout is None:
+                layout = self._build_layout(foveation, width, height, centres, weights, focal_px, timing)
             t = time.perf_counter()
-            if len(centres) > 1:
-                layout = foveated_layout_multi(foveation, width, height, centres, weights, focal_px=focal_px)
+            if updated is None:
+                patches = self._texture.sample(layout.centers, layout.sizes, layout.patch_size)
+                tokens_updated = layout.num_tokens
+                self._partial_encodes = 0
             else:
-                layout = foveated_layout(foveation, width, height, centres[0], focal_px=focal_px)
-            timing["layout"] = (time.perf_counter() - t) * 1e3
-            t = time.perf_counter()
-            patches = self._texture.sample(layout.centers, layout.sizes, layout.patch_size)
+                patches = cache.patches.clone()
+                rows = np.flatnonzero(updated)
+                patches[rows] = self._texture.sample(layout.centers[rows], layout.sizes[rows], layout.patch_size)
+                tokens_updated = len(rows)
+                self.frames_partly_reused += 1
+                self._partial_encodes += 1
             timing["sampling"] = (time.perf_counter() - t) * 1e3
             tokens = cls_token = None
             if self._worker is not None:
                 # A copy: the texture may sample the next frame into the same buffer.
                 self._worker.submit(_EncodeJob(patches.clone(), layout, frame.stamp_ns, frame.frame_id, width, height))
             elif self.encoder is not None:
-                encoded = self.encoder.encode(patches, layout.centers, layout.levels, (width, height))
+                if coherence.reencode == "all":
+                    encoded = self.encoder.encode(patches, layout.centers, layout.levels, (width, height))
+                else:
+                    encoded = self.encoder.update(
+                        patches, layout.centers, layout.levels, (width, height), changed=updated
+                    )
                 tokens, cls_token = encoded.tokens, encoded.cls
                 timing.update(_encoder_timing(encoded))
             cache = _TokenCache(centres, weights, focal_px, layout, patches, tokens, cls_token, frame.stamp_ns)
             with self._cache_lock:
                 self._cache = cache
+        self.tokens_updated += tokens_updated
+        self.tokens_total += layout.num_tokens
         if self._budget is not None:
             encoder_ms = timing.get("encoder", self._last_encoder_ms)
             vision_ms = None if reuse else timing["sampling"] + encoder_ms
@@ -552,10 +620,21 @@ class FoveaPipeline:
             decision=decision.kind,
             dirty_fraction=decision.dirty_fraction,
             tokens_reused=reuse,
+            tokens_updated=tokens_updated,
             tokens_stamp_ns=0 if delivered is None else delivered.stamp_ns,
             tokens=None if delivered is None else delivered.tokens,
             cls_token=None if delivered is None else delivered.cls_token,
         )
+
+    @staticmethod
+    def _build_layout(foveation, width, height, centres, weights, focal_px, timing) -> FoveatedLayout:
+        t = time.perf_counter()
+        if len(centres) > 1:
+            layout = foveated_layout_multi(foveation, width, height, centres, weights, focal_px=focal_px)
+        else:
+            layout = foveated_layout(foveation, width, height, centres[0], focal_px=focal_px)
+        timing["layout"] = (time.perf_counter() - t) * 1e3
+        return layout
 
     def _encoded(self, job: _EncodeJob, encoded) -> None:
         """The encoder thread finished ``job``: fill the cache entry sampled for it, hand the tokens on."""
@@ -604,7 +683,9 @@ class FoveaPipeline:
             self._texture.upload_rects(rgb, decision.rects)
             timing["upload"] = (time.perf_counter() - t) * 1e3
             t = time.perf_counter()
-            self._texture.rebuild_mips(decision.rects)
+            height, width = rgb.shape[:2]
+            limit = self.cfg.texture.incremental_mips_max_fraction
+            self._texture.rebuild_mips(mip_rebuild_rects(decision.rects, width, height, limit))
             timing["mips"] = (time.perf_counter() - t) * 1e3
 
 

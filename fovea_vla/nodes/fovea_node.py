@@ -186,6 +186,13 @@ PARAMS: tuple[ParamSpec, ...] = (
         "Most mip levels kept (level 0 included); coarser footprints sample the top level.",
         range=(1, 16),
     ),
+    ParamSpec(
+        "texture.incremental_mips_max_fraction",
+        1.0,
+        "Rebuild the mips only over dirty tiles while they cover at most this share of the frame, else whole "
+        "(on a fast GPU one whole rebuild costs less than many small ones).",
+        range=(0.0, 1.0),
+    ),
     ParamSpec("coherence.enabled", True, "Upload only dirty tiles and reuse tokens on static frames."),
     ParamSpec("coherence.tile_size", 32, "Dirty-tile side [px].", range=(4, 512)),
     ParamSpec(
@@ -209,8 +216,36 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec(
         "coherence.max_fixation_shift_px",
         0.5,
-        "Cached tokens are reused only while every fixation stays within this distance [px].",
+        "With reencode all: cached tokens are reused only while every fixation stays within this distance [px].",
         range=(0.0, 10000.0),
+    ),
+    ParamSpec(
+        "coherence.reencode",
+        "changed",
+        "changed: sample and encode again only the tokens a texture update reached or the layout moved (the others "
+        "keep their cached tokens; approximate until the next whole encode); all: encode every token of a frame "
+        "that changed (exact).",
+        choices=("changed", "all"),
+    ),
+    ParamSpec(
+        "coherence.token_shift_fraction",
+        0.25,
+        "With reencode changed: a token keeps its cached position while the layout moves it by at most this share "
+        "of its footprint.",
+        range=(0.0, 0.5),
+    ),
+    ParamSpec(
+        "coherence.max_reencode_fraction",
+        0.75,
+        "With reencode changed: share of changed tokens above which the whole frame is encoded.",
+        range=(0.01, 1.0),
+    ),
+    ParamSpec(
+        "coherence.max_partial_encodes",
+        8,
+        "With reencode changed: consecutive frames encoded only in part after which the next changed frame is "
+        "encoded whole (bounds how stale the kept tokens get).",
+        range=(1, 10000),
     ),
     ParamSpec("foveation.num_tokens", 273, "Foveated patches per frame (token budget).", range=(1, 16384)),
     ParamSpec(
@@ -523,6 +558,7 @@ def pipeline_config(values: dict) -> PipelineConfig:
                 device=values["texture.device"],
                 cpu_threads=values["texture.cpu_threads"],
                 max_levels=values["texture.max_levels"],
+                incremental_mips_max_fraction=values["texture.incremental_mips_max_fraction"],
             ),
             coherence=CoherenceConfig(
                 enabled=values["coherence.enabled"],
@@ -531,6 +567,10 @@ def pipeline_config(values: dict) -> PipelineConfig:
                 full_upload_fraction=values["coherence.full_upload_fraction"],
                 max_token_age_s=values["coherence.max_token_age_s"],
                 max_fixation_shift_px=values["coherence.max_fixation_shift_px"],
+                reencode=values["coherence.reencode"],
+                token_shift_fraction=values["coherence.token_shift_fraction"],
+                max_reencode_fraction=values["coherence.max_reencode_fraction"],
+                max_partial_encodes=values["coherence.max_partial_encodes"],
             ),
             adaptive_budget=AdaptiveBudgetConfig(
                 enabled=values["foveation.adaptive.enabled"],
@@ -980,10 +1020,15 @@ class FoveaNode(ManagedNode):
             StageSample(
                 name="fixation",
                 latency_p99_ms=p99("fixation"),
-                details={"frames_reused": self.pipeline.frames_reused},
                 **common,
             ),
         ]
+        pipeline = self.pipeline
+        reuse = {
+            "frames_reused": pipeline.frames_reused,
+            "frames_partly_reused": pipeline.frames_partly_reused,
+            "tokens_encoded_share": round(pipeline.tokens_updated / max(pipeline.tokens_total, 1), 4),
+        }
         if self.pipeline.encoder is not None:
             gpu_mb = None
             if str(self.pipeline.device).startswith("cuda"):
@@ -996,6 +1041,7 @@ class FoveaNode(ManagedNode):
                     latency_p99_ms=p99("encoder"),
                     gpu_memory_mb=gpu_mb,
                     backend=self.params["encoder.architecture"] or "custom",
+                    details=reuse,
                     **common,
                 )
             )

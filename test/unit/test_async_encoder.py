@@ -18,10 +18,12 @@ FRAME_NS = 33_333_333
 
 
 def _pipeline(async_encoder: bool, on_tokens) -> FoveaPipeline:
+    # Frame-level re-encoding: every delivered token set equals a full encode of its frame
+    # (token-level reuse through the worker is tested in test_coherence).
     return FoveaPipeline(
         PipelineConfig(
             texture=TextureConfig(backend="torch", device="cpu"),
-            coherence=CoherenceConfig(change_threshold=0.0),
+            coherence=CoherenceConfig(change_threshold=0.0, reencode="all"),
             foveation=FoveationConfig(num_tokens=64),
             encoder=EncoderConfig(architecture=None, embed_dim=64, depth=2, num_heads=4, device="cpu", dtype="float32"),
             async_encoder=async_encoder,

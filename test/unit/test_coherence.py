@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from fovea_vla.core.coherence import CoherenceConfig, TemporalCoherence
-from fovea_vla.core.foveation import AdaptiveBudget, AdaptiveBudgetConfig, FoveationConfig, scene_complexity
+from fovea_vla.core.coherence import CoherenceConfig, TemporalCoherence, dirty_tokens, keep_token_positions
+from fovea_vla.core.foveation import (
+    AdaptiveBudget,
+    AdaptiveBudgetConfig,
+    FoveationConfig,
+    foveated_layout,
+    scene_complexity,
+)
 from fovea_vla.core.frames import Frame, rgb_to_gray
 from fovea_vla.core.pipeline import FoveaPipeline, PipelineConfig
 from fovea_vla.core.texture import TextureConfig, make_texture
@@ -220,7 +229,7 @@ def _check_tokens_equal_full_recompute(pipeline: FoveaPipeline, frames, texture:
 
 def test_tokens_after_incremental_update_equal_full_recompute():
     rng = np.random.default_rng(8)
-    pipeline = _encoder_pipeline("cpu", "torch", change_threshold=0.0)
+    pipeline = _encoder_pipeline("cpu", "torch", change_threshold=0.0, reencode="all")
     frames = _moving_square_frames(rng, 4)
     _check_tokens_equal_full_recompute(pipeline, frames, "torch", "cpu")
     last = pipeline.process(frames[-1])
@@ -236,7 +245,7 @@ def test_cuda_tokens_after_incremental_update_equal_full_recompute(texture):
     if not available:
         pytest.skip(f"{texture}: {reason}")
     rng = np.random.default_rng(9)
-    pipeline = _encoder_pipeline("cuda", texture, change_threshold=0.0)
+    pipeline = _encoder_pipeline("cuda", texture, change_threshold=0.0, reencode="all")
     _check_tokens_equal_full_recompute(pipeline, _moving_square_frames(rng, 4), texture, "cuda")
 
 
@@ -258,3 +267,131 @@ def test_measure_ahead_gives_the_same_decisions_as_decide_alone():
         a, b = alone.decide(gray, now_s), ahead.decide(gray, now_s, measured=measured)
         assert (a.kind, a.dirty_fraction) == (b.kind, b.dirty_fraction) and np.array_equal(a.rects, b.rects)
     assert [alone.decide(g, 1.0).kind for g in grays[-1:]] == ["static"]
+
+
+# -- token-level reuse ---------------------------------------------------------------------------
+
+
+def test_kept_positions_follow_the_tolerance_of_each_footprint():
+    cfg = FoveationConfig(num_tokens=200)
+    before = foveated_layout(cfg, 1280, 720, (640.0, 360.0))
+    same, moved = keep_token_positions(before, before, 0.25)
+    assert not moved.any() and np.array_equal(same.centers, before.centers)
+    # A 6 px shift: within a quarter of every footprint of 32 px and more, beyond the 16 px ones.
+    after = foveated_layout(cfg, 1280, 720, (646.0, 360.0))
+    kept, moved = keep_token_positions(after, before, 0.25)
+    assert np.array_equal(moved, before.sizes < 24.0)
+    assert np.array_equal(kept.centers[~moved], before.centers[~moved])
+    assert np.array_equal(kept.centers[moved], after.centers[moved])
+    assert np.array_equal(kept.levels[~moved], before.levels[~moved])
+    offsets = kept.centers - np.array([646.0, 360.0])
+    np.testing.assert_allclose(kept.eccentricity, np.hypot(offsets[:, 0], offsets[:, 1]), rtol=1e-6)
+    _, none_kept = keep_token_positions(after, before, 0.0)
+    assert none_kept.all()
+    _, other_budget = keep_token_positions(
+        foveated_layout(FoveationConfig(num_tokens=96), 1280, 720, (640, 360)), before, 0.5
+    )
+    assert other_budget.all()
+
+
+@pytest.mark.parametrize("fixation", [(200.0, 150.0), (20.0, 230.0)])
+def test_tokens_outside_dirty_reach_sample_the_same_patch(fixation):
+    """The margin of dirty_tokens is enough: every token it calls clean samples bit-identical
+    patches after a partial upload and an incremental mip rebuild (levels 0 to 2.7 here)."""
+    rng = np.random.default_rng(12)
+    texture, _ = make_texture(TextureConfig(backend="torch", device="cpu"))
+    image = _scene(rng, 240, 320)
+    texture.upload(image)
+    layout = foveated_layout(FoveationConfig(num_tokens=60, e0_fraction=0.05), 320, 240, fixation)
+    assert layout.levels.max() > 2.0
+    before = texture.sample(layout.centers, layout.sizes, layout.patch_size)
+    clean_seen = dirty_seen = 0
+    for _ in range(6):
+        x0, y0 = int(rng.integers(0, 300)), int(rng.integers(0, 220))
+        rects = np.array([[x0, y0, min(320, x0 + 20), min(240, y0 + 20)]], np.int32)
+        image = image.copy()
+        image[y0 : rects[0, 3], x0 : rects[0, 2]] = rng.integers(0, 256, (rects[0, 3] - y0, rects[0, 2] - x0, 3))
+        texture.upload_rects(image, rects)
+        texture.rebuild_mips(rects)
+        after = texture.sample(layout.centers, layout.sizes, layout.patch_size)
+        dirty = dirty_tokens(layout, rects)
+        assert dirty.any() and not dirty.all()
+        assert torch_equal_rows(before, after, ~dirty)
+        clean_seen += int((~dirty).sum())
+        dirty_seen += int(dirty.sum())
+        before = after
+    assert clean_seen > dirty_seen > 0
+    assert not dirty_tokens(layout, np.zeros((0, 4), np.int32)).any()
+
+
+def torch_equal_rows(a, b, rows) -> bool:
+    return bool((a[rows] == b[rows]).all())
+
+
+def _token_level_pipeline(**coherence) -> FoveaPipeline:
+    return _encoder_pipeline("cpu", "torch", change_threshold=0.0, reencode="changed", **coherence)
+
+
+def test_token_level_reuse_samples_only_what_changed():
+    """A square moving over a still background with the fixation held: only the tokens whose
+    footprint it reaches are sampled and encoded again; the patches equal a full recompute at
+    the layout's positions exactly, and the tokens stay close to a full encode of them."""
+    rng = np.random.default_rng(13)
+    pipeline = _token_level_pipeline(max_reencode_fraction=0.9)
+    pipeline.set_external_fixation(160.0, 120.0)
+    reference, _ = make_texture(TextureConfig(backend="torch", device="cpu"))
+    outputs = []
+    for frame in _moving_square_frames(rng, 5):
+        out = pipeline.process(frame)
+        outputs.append(out)
+        reference.upload(frame.rgb)
+        expected = reference.sample(out.layout.centers, out.layout.sizes, out.layout.patch_size)
+        assert bool((out.patches == expected).all())
+        full = pipeline.encoder.encode(expected, out.layout.centers, out.layout.levels, (out.width, out.height))
+        relative = (out.tokens - full.tokens).norm(dim=1) / full.tokens.norm(dim=1)
+        assert relative.max().item() <= 0.05
+    updated = [o.tokens_updated for o in outputs]
+    assert updated[0] == 64 and all(0 < n < 64 for n in updated[1:5]) and updated[-2:] == [0, 0]
+    assert [o.tokens_reused for o in outputs[-2:]] == [True, True]
+    assert pipeline.frames_partly_reused == 4 and pipeline.frames_reused == 2
+    assert pipeline.tokens_updated == sum(updated) and pipeline.tokens_total == 64 * len(outputs)
+
+
+def test_token_level_reuse_encodes_whole_frames_above_the_fraction():
+    rng = np.random.default_rng(14)
+    pipeline = _token_level_pipeline(max_reencode_fraction=0.01)
+    pipeline.set_external_fixation(160.0, 120.0)
+    updated = [pipeline.process(frame).tokens_updated for frame in _moving_square_frames(rng, 3)]
+    assert updated == [64, 64, 64, 0, 0]
+    assert pipeline.frames_partly_reused == 0
+
+
+def test_token_level_reuse_through_the_asynchronous_encoder():
+    """The worker may skip jobs, so it finds what changed by comparing with what it encoded last."""
+    rng = np.random.default_rng(15)
+    updates = []
+    pipeline = FoveaPipeline(replace(_token_level_pipeline().cfg, async_encoder=True), on_tokens=updates.append)
+    pipeline.set_external_fixation(160.0, 120.0)
+    try:
+        for frame in _moving_square_frames(rng, 4):
+            pipeline.process(frame)
+            deadline = time.monotonic() + 10.0
+            while (not updates or updates[-1].stamp_ns != frame.stamp_ns) and time.monotonic() < deadline:
+                time.sleep(0.005)
+        last = updates[-1]
+        full = pipeline.encoder.encode(pipeline._cache.patches, last.layout.centers, last.layout.levels, (320, 240))
+        relative = (last.tokens - full.tokens).norm(dim=1) / full.tokens.norm(dim=1)
+        assert relative.max().item() <= 0.05
+        assert pipeline.encoder_errors == 0
+    finally:
+        pipeline.close()
+
+
+def test_token_level_reuse_encodes_whole_after_max_partial_encodes():
+    rng = np.random.default_rng(16)
+    pipeline = _token_level_pipeline(max_reencode_fraction=0.9, max_partial_encodes=2)
+    pipeline.set_external_fixation(160.0, 120.0)
+    updated = [pipeline.process(frame).tokens_updated for frame in _moving_square_frames(rng, 7)]
+    whole = [i for i, n in enumerate(updated) if n == 64]
+    assert whole == [0, 3, 6] and all(0 < updated[i] < 64 for i in (1, 2, 4, 5))
+    assert updated[-2:] == [0, 0]  # unchanged frames reuse, whatever the count

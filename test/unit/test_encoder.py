@@ -507,3 +507,118 @@ def test_matches_timm_vit_base_on_cuda(tmp_path):
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         EncoderConfig().seed = 1
+
+
+# -- token-level re-encoding (FoveatedEncoder.update) ----------------------------------------------
+
+
+def _small(depth: int = 2, **kwargs) -> FoveatedEncoder:
+    return FoveatedEncoder(
+        EncoderConfig(architecture=None, embed_dim=64, depth=depth, num_heads=4, dtype="float32", **kwargs)
+    )
+
+
+def _changed_inputs(inputs, rows, seed: int = 5):
+    """``inputs`` with new patches at ``rows`` and one of them moved and rescaled a little."""
+    patches, centers, levels, size = inputs
+    rng = torch.Generator().manual_seed(seed)
+    patches, centers, levels = patches.clone(), centers.copy(), levels.copy()
+    patches[rows] = torch.rand((len(rows), *patches.shape[1:]), generator=rng).to(patches.device)
+    centers[rows[0]] += (1.5, -2.0)
+    levels[rows[0]] += 0.25
+    return patches, centers, levels, size
+
+
+def test_update_without_changes_is_the_full_encode_then_reuses_it():
+    encoder = _small()
+    inputs = make_example(num_tokens=48, seed=3)
+    full = encoder.encode(*inputs)
+    first = encoder.update(*inputs)
+    assert first.reencoded == 48 and torch.equal(first.tokens, full.tokens) and torch.equal(first.cls, full.cls)
+    again = encoder.update(*inputs, changed=np.zeros(48, bool))
+    assert again.reencoded == 0 and torch.equal(again.tokens, full.tokens)
+    assert not np.any(encoder.changed_tokens(*inputs))
+
+
+def test_rows_given_again_unchanged_reproduce_the_full_encode():
+    """Re-encoding rows against the cache of the same frame is the full encode (every row: all of it)."""
+    encoder = _small()
+    inputs = make_example(num_tokens=48, seed=4)
+    full = encoder.update(*inputs)
+    some = encoder.update(*inputs, changed=np.isin(np.arange(48), [0, 7, 30]))
+    assert some.reencoded == 3
+    torch.testing.assert_close(some.tokens, full.tokens, atol=1e-5, rtol=1e-5)
+    every = encoder.update(*inputs, changed=np.ones(48, bool))
+    assert every.reencoded == 48
+    torch.testing.assert_close(every.tokens, full.tokens, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(every.cls, full.cls, atol=1e-5, rtol=1e-5)
+
+
+def test_one_block_rows_are_exact_and_the_rest_keep_their_outputs():
+    """With one block the cached keys and values of the unchanged rows are exactly what a full
+    encode computes, so the re-encoded rows (and the class token) equal the full encode; the
+    other rows keep their earlier outputs, the approximation of token-level reuse."""
+    encoder = _small(depth=1)
+    before = make_example(num_tokens=40, seed=6)
+    first = encoder.update(*before)
+    rows = np.array([2, 9, 17, 33])
+    after = _changed_inputs(before, rows)
+    assert np.array_equal(np.flatnonzero(encoder.changed_tokens(*after)), rows)
+    partial = encoder.update(*after, changed=encoder.changed_tokens(*after))
+    full = encoder.encode(*after)
+    assert partial.reencoded == 4
+    torch.testing.assert_close(partial.tokens[rows], full.tokens[rows], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(partial.cls, full.cls, atol=1e-5, rtol=1e-5)
+    kept = np.setdiff1d(np.arange(40), rows)
+    assert torch.equal(partial.tokens[kept], first.tokens[kept])
+
+
+def test_deeper_rows_move_toward_the_full_encode():
+    encoder = _small(depth=4)
+    before = make_example(num_tokens=64, seed=7)
+    stale = encoder.update(*before).tokens
+    rows = np.arange(0, 64, 9)
+    after = _changed_inputs(before, rows, seed=8)
+    partial = encoder.update(*after, changed=encoder.changed_tokens(*after)).tokens
+    full = encoder.encode(*after).tokens
+    assert (partial - full).norm() < 0.5 * (stale - full).norm()
+    assert (partial[rows] - full[rows]).norm() < 0.1 * (stale[rows] - full[rows]).norm()
+
+
+def test_update_falls_back_to_a_full_encode():
+    encoder = _small()
+    inputs = make_example(num_tokens=32, seed=9)
+    assert encoder.changed_tokens(*inputs) is None  # nothing kept yet
+    encoder.update(*inputs)
+    changed = np.zeros(32, bool)
+    changed[:20] = True
+    assert encoder.update(*inputs, changed=changed, max_changed_fraction=0.5).reencoded == 32
+    patches, centers, levels, _ = inputs
+    assert encoder.changed_tokens(patches, centers, levels, (800, 600)) is None  # another image size
+    assert encoder.update(patches, centers, levels, (800, 600), changed=np.zeros(32, bool)).reencoded == 32
+    with pytest.raises(ValueError, match=r"changed must be \(32,\)"):
+        encoder.update(*inputs, changed=np.zeros(31, bool))
+    batch = (inputs[0][None], inputs[1][None], inputs[2][None], inputs[3])
+    with pytest.raises(ValueError, match="update takes one frame"):
+        encoder.update(*batch)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_updates_equal_eager_updates():
+    """Padded row buckets (spare row), packed host inputs and the full graph agree with eager updates."""
+    graphed, eager = _vit_b(dtype="float32"), _vit_b(dtype="float32", cuda_graphs=False)
+    inputs = make_example(num_tokens=273, seed=10)
+    inputs = (inputs[0].cuda(), *inputs[1:])
+    for encoder in (graphed, eager):
+        encoder.update(*inputs)
+    current = inputs
+    for step, rows in enumerate((np.array([5]), np.arange(0, 273, 7), np.array([1, 2, 3]), np.arange(100, 130))):
+        current = _changed_inputs(current, rows, seed=20 + step)
+        current = (current[0].cuda(), *current[1:])
+        changed = graphed.changed_tokens(*current)
+        assert np.array_equal(np.flatnonzero(changed), rows)
+        got, want = graphed.update(*current, changed=changed), eager.update(*current, changed=changed)
+        assert got.reencoded == want.reencoded == len(rows) and got.graph
+        torch.testing.assert_close(got.tokens, want.tokens, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got.cls, want.cls, atol=1e-4, rtol=1e-4)
+    assert sorted(key[2] for key in graphed._graphs if key[0] == "rows") == [8, 32, 64]

@@ -236,3 +236,36 @@ def test_gpu_backends_implement_the_protocol(name):
         close = getattr(texture, "close", None)
         if close is not None:
             close()
+
+
+def test_mip_rebuild_rects_goes_whole_above_the_configured_share():
+    rects = np.array([[0, 0, 32, 32], [64, 0, 96, 32]], np.int32)  # 2048 of 12800 px = 16 %
+    assert base.mip_rebuild_rects(rects, 160, 80, 1.0) is rects
+    assert base.mip_rebuild_rects(rects, 160, 80, 0.16) is rects
+    assert base.mip_rebuild_rects(rects, 160, 80, 0.15) is None
+    empty = np.zeros((0, 4), np.int32)
+    assert base.mip_rebuild_rects(empty, 160, 80, 0.0) is empty
+    with pytest.raises(ValueError, match=r"texture\.incremental_mips_max_fraction=1\.5"):
+        TextureConfig(incremental_mips_max_fraction=1.5)
+
+
+def test_pipeline_whole_mips_give_the_same_patches_as_incremental_ones():
+    """texture.incremental_mips_max_fraction changes only how the mips are rebuilt, not their texels."""
+    from fovea_vla.core.frames import Frame
+    from fovea_vla.core.pipeline import FoveaPipeline, PipelineConfig
+
+    rng = np.random.default_rng(3)
+    background = cv2.resize(rng.uniform(0, 255, (30, 40, 3)).astype(np.float32), (320, 240)).astype(np.uint8)
+    outputs = {}
+    for fraction in (1.0, 0.0):
+        pipeline = FoveaPipeline(
+            PipelineConfig(texture=TextureConfig(backend="torch", device="cpu", incremental_mips_max_fraction=fraction))
+        )
+        for i in range(4):
+            image = background.copy()
+            image[80:120, 40 + 8 * i : 80 + 8 * i] = (240, 30, 30)
+            out = pipeline.process(Frame(rgb=image, stamp_ns=i * 33_333_333, frame_id="camera"))
+        outputs[fraction] = out
+    assert outputs[1.0].decision == "partial"
+    assert np.array_equal(outputs[1.0].layout.centers, outputs[0.0].layout.centers)
+    assert bool((outputs[1.0].patches == outputs[0.0].patches).all())

@@ -33,6 +33,7 @@ __all__ = [
     "level_rect",
     "level_sizes",
     "make_texture",
+    "mip_rebuild_rects",
     "patch_sample_offsets",
     "tiles_to_rects",
 ]
@@ -63,12 +64,17 @@ class TextureConfig:
             other nodes: on a 2-core machine it cut the pipeline's p99 from ~200 ms to ~23 ms.
         max_levels: most pyramid levels kept, level 0 included. 8 levels serve footprints up to
             128 patch sizes (2048 px for 16-px patches), more than a 4K frame's periphery needs.
+        incremental_mips_max_fraction: the mips are rebuilt only over the dirty rectangles while
+            these cover at most this share of the frame, else over the whole frame (see
+            :func:`mip_rebuild_rects`): on a fast GPU one whole rebuild costs less than the host
+            work of many small ones.
     """
 
     backend: str = "auto"
     device: str = "auto"
     cpu_threads: int = 1
     max_levels: int = 8
+    incremental_mips_max_fraction: float = 1.0
 
     def __post_init__(self):
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
@@ -77,6 +83,9 @@ class TextureConfig:
             raise ValueError(f"texture.cpu_threads={self.cpu_threads}: must be in [0, 1024]")
         if not 1 <= self.max_levels <= 16:
             raise ValueError(f"texture.max_levels={self.max_levels}: must be in [1, 16]")
+        fraction = self.incremental_mips_max_fraction
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"texture.incremental_mips_max_fraction={fraction!r}: must be in [0, 1]")
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -253,3 +262,12 @@ def make_texture(cfg: TextureConfig) -> tuple[TextureBackend, BackendSelection]:
     else:
         selection = TEXTURE_BACKENDS.select(cfg.backend, field="texture.backend")
     return TEXTURE_BACKENDS.create(selection.name, cfg), selection
+
+
+def mip_rebuild_rects(rects: np.ndarray, width: int, height: int, max_fraction: float) -> np.ndarray | None:
+    """The rectangles to pass to ``rebuild_mips`` after uploading ``rects``: themselves while they
+    cover at most ``max_fraction`` of the (width x height) frame, else None (rebuild everywhere;
+    the texels are the same either way)."""
+    rects = np.asarray(rects)
+    area = float(((rects[:, 2] - rects[:, 0]) * (rects[:, 3] - rects[:, 1])).sum()) if len(rects) else 0.0
+    return rects if area <= max_fraction * width * height else None
