@@ -94,6 +94,9 @@ class NvdecDecoder:
         packet.bsl_data = buf.ctypes.data  # ``buf`` (and the caller's data) outlive the call
         packet.bsl = buf.size
         packet.pts = int(pts)
+        # One access unit per packet: without the end-of-picture flag the parser waits for the start of
+        # the next picture, and low-latency mode returns each frame one packet late (none for the first).
+        packet.decode_flag = self._nvc.VideoPacketFlag.ENDOFPICTURE
         try:
             frames = self._decoder.Decode(packet)
         except Exception as exc:  # the binding raises plain RuntimeError / ValueError on bad bitstreams
