@@ -3,6 +3,8 @@ and the pipeline's fixation wiring. Saccade scheduling is in test_saccades.py.""
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from fovea_vla.core.fixation import (
     FixationController,
     FixationMode,
     FixationSource,
+    _Blocks,
     make_example,
     spectral_residual_saliency,
 )
@@ -283,3 +286,162 @@ def test_pipeline_instruction_change_and_query():
     pipeline.notify_instruction_change()
     out = pipeline.process(frames[3])  # the hold has expired by then
     assert out.fixation.source == FixationSource.SACCADE and out.saccade == "instruction"
+
+
+# -- the controller's local shortcuts against whole-map references ---------------------------------
+
+
+def _blob_masks(seed: int, count: int = 40) -> list[np.ndarray]:
+    """(120, 160) bool masks of a 120x160 block grid: discs and boxes that move, vanish and come
+    back elsewhere, some on the border, some below the new-motion size, plus specks and empty frames."""
+    rng = np.random.default_rng(seed)
+    hg, wg = HEIGHT // GRID, WIDTH // GRID
+    rows, cols = np.mgrid[0:hg, 0:wg]
+    # Per blob and appearance: start (x, y), velocity (vx, vy) [blocks/frame] and size [blocks].
+    paths = rng.uniform([0, 0, -3, -3, 2], [wg, hg, 3, 3, 9], (4, count // 11 + 2, 5))
+    masks = []
+    for i in range(count):
+        mask = np.zeros((hg, wg), bool)
+        if i % 13 != 12:
+            for k in range(len(paths)):
+                appearance, age = divmod(i + 3 * k, 11)
+                if age < 8:  # each blob is gone for 3 frames, then appears somewhere else
+                    x, y, vx, vy, r = paths[k, appearance]
+                    cx, cy = x + vx * age, y + vy * age
+                    if k % 2:
+                        mask |= (np.abs(cols - cx) <= r) & (np.abs(rows - cy) <= 0.5 * r)
+                    else:
+                        mask |= (cols - cx) ** 2 + (rows - cy) ** 2 <= r * r
+            mask |= rng.random((hg, wg)) < 0.0005  # single-block specks
+        masks.append(mask)
+    return masks
+
+
+def _reference_novel_motion(moving, magnitude, memory, min_blocks, dt):
+    """The whole-map version of the controller's new-motion test: (novel, new memory)."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(moving.view(np.uint8), connectivity=8)
+    seen = None
+    if memory is not None:
+        step = float(magnitude[moving].max()) if moving.any() else 0.0
+        radius = min(8, 1 + math.ceil(step / GRID))
+        kernel = np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)
+        seen = cv2.dilate((memory > 0.1).view(np.uint8), kernel).astype(bool)
+    decay = math.exp(-dt / 0.5)
+    memory = np.maximum(memory * decay if memory is not None else 0.0, moving.astype(np.float32))
+    novel = np.zeros_like(moving)
+    for label in range(1, count):
+        blob = labels == label
+        if stats[label, cv2.CC_STAT_AREA] >= min_blocks and (seen is None or seen[blob].mean() < 0.5):
+            novel |= blob
+    return novel, memory
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_novel_motion_matches_the_whole_map_reference(seed):
+    """New-motion blobs are labelled and judged on the moving blocks' bounding box only; the
+    result and the motion memory equal labelling the whole map, frame by frame."""
+    ctrl = FixationController(FixationConfig(), WIDTH, HEIGHT)
+    rng = np.random.default_rng(seed)
+    memory = None
+    min_blocks = max(1, int(FixationConfig().min_target_fraction * (HEIGHT // GRID) * (WIDTH // GRID)))
+    novel_frames = 0
+    for i, moving in enumerate(_blob_masks(seed)):
+        # Residuals of exact magnitude (multiples of the 3-4-5 triangle), so both sides see the
+        # same step; now and then a fast one, which dilates the memory more.
+        scale = 2.0 if i % 9 == 4 else 0.125
+        residual = (rng.integers(0, 4, (*moving.shape, 1)) * scale * np.array([3.0, 4.0])).astype(np.float32)
+        blocks = _Blocks(residual, GRID, residual, None)
+        dt = 1.0 / FPS if i % 7 else 0.2
+        novel = ctrl._novel_motion(moving, blocks, GRID, dt)
+        expected, memory = _reference_novel_motion(moving, 5.0 * residual[..., 0] / 3.0, memory, min_blocks, dt)
+        novel_frames += bool(expected.any())
+        np.testing.assert_array_equal(novel, expected, err_msg=f"frame {i}")
+        np.testing.assert_array_equal(ctrl._motion_memory, memory, err_msg=f"frame {i}")
+    assert novel_frames >= 3  # blobs that come back elsewhere are new
+
+
+@pytest.mark.parametrize(("shift", "is_new"), [(11, False), (14, True)])
+def test_novel_motion_counts_memory_beside_the_blob(shift, is_new):
+    """A blob that moved by less than the dilation (here 6 blocks: 1 + ceil(20 px / 4 px)) from
+    where motion was is not new, although the memory lies outside its own bounding box."""
+    ctrl = FixationController(FixationConfig(), WIDTH, HEIGHT)
+    hg, wg = HEIGHT // GRID, WIDTH // GRID
+    residual = np.zeros((hg, wg, 2), np.float32)
+    residual[...] = (12.0, 16.0)  # 20 px/frame
+    before, after = np.zeros((hg, wg), bool), np.zeros((hg, wg), bool)
+    before[50:60, 50:60] = True
+    after[50:60, 50 + shift : 60 + shift] = True
+    assert ctrl._novel_motion(before, _Blocks(residual, GRID, residual, None), GRID, 1 / FPS).any()
+    novel = ctrl._novel_motion(after, _Blocks(residual, GRID, residual, None), GRID, 1 / FPS)
+    assert novel.any() == is_new and (not is_new or (novel == after).all())
+
+
+def test_blocks_around_holds_every_block_within_the_radius():
+    xs_grid = (np.arange(WIDTH // GRID) * GRID + 1.5).astype(np.float32)
+    ys_grid = (np.arange(HEIGHT // GRID) * GRID + 1.5).astype(np.float32)
+    blocks = _Blocks(np.zeros((HEIGHT // GRID, WIDTH // GRID, 2), np.float32), GRID, None, None)
+    rng = np.random.default_rng(3)
+    for centre, radius in [((-300.0, 50.0), 320.0), ((WIDTH + 5.0, HEIGHT + 5.0), 40.0), ((0.0, 0.0), 0.0)] + [
+        ((rng.uniform(-50, WIDTH + 50), rng.uniform(-50, HEIGHT + 50)), rng.uniform(0, 300)) for _ in range(50)
+    ]:
+        rows, cols = blocks.around(np.array(centre), radius)
+        within = (xs_grid[None, :] - centre[0]) ** 2 + (ys_grid[:, None] - centre[1]) ** 2 <= radius**2
+        outside = within.copy()
+        outside[rows, cols] = False
+        assert not outside.any(), (centre, radius)
+
+
+def test_blocks_magnitude_parts_are_parts_of_the_whole():
+    rng = np.random.default_rng(4)
+    residual = rng.normal(0, 3, (HEIGHT // GRID, WIDTH // GRID, 2)).astype(np.float32)
+    whole = cv2.magnitude(residual[..., 0], residual[..., 1])
+    box = (slice(10, 57), slice(33, 101))
+    mask = rng.random(whole.shape) < 0.1
+    # cv2.magnitude itself rounds a few elements differently by buffer alignment (1 ulp).
+    np.testing.assert_allclose(_Blocks(residual, GRID, residual, None).magnitude(box), whole[box], rtol=2e-7)
+    np.testing.assert_allclose(
+        _Blocks(residual, GRID, residual, None).magnitude(np.flatnonzero(mask)), whole[mask], rtol=2e-7
+    )
+    # Once the whole field was computed, parts are its slices.
+    blocks = _Blocks(residual, GRID, residual, None)
+    full = blocks.magnitude()
+    np.testing.assert_array_equal(blocks.magnitude(box), full[box])
+    np.testing.assert_array_equal(blocks.magnitude(np.flatnonzero(mask)), full[mask])
+
+
+def test_pursuit_predicted_off_the_flow_grid_coasts():
+    """After a long frame gap a fast target is predicted far beyond the image: no block is near
+    the prediction, nothing is measured, and the fixation stays in the image."""
+    ctrl = FixationController(FixationConfig(), WIDTH, HEIGHT)
+    ctrl.start_pursuit(560.0, 240.0, 0.0)
+    for i in range(1, 6):
+        state = ctrl.update(blob_flow((550.0 + 10 * i, 240.0), (10.0, 0.0)), GRID, i / FPS)
+    assert state.mode == FixationMode.PURSUE and state.vx > 150.0
+    state = ctrl.update(np.zeros((HEIGHT // GRID, WIDTH // GRID, 2), np.float32), GRID, 5 / FPS + 1.0)
+    assert 0.0 <= state.x <= WIDTH - 1 and 0.0 <= state.y <= HEIGHT - 1
+    empty = _Blocks(np.zeros((4, 4, 2), np.float32), GRID, None, None).around(np.array([900.0, 5.0]), 10.0)
+    assert _Blocks(np.zeros((4, 4, 2), np.float32), GRID, None, None).magnitude(empty).shape == (4, 0)
+
+
+@pytest.mark.parametrize("num_fixations", [1, 3])
+def test_controller_is_deterministic(num_fixations):
+    """Same inputs, same fixations: positions, metadata, weights and the saccade trigger."""
+
+    def run():
+        cfg = FixationConfig(num_fixations=num_fixations, saccade_rate_hz=6.0, latency_s=0.05)
+        ctrl = FixationController(cfg, WIDTH, HEIGHT)
+        rng = np.random.default_rng(5)
+        gray = cv2.GaussianBlur(rng.integers(0, 256, (HEIGHT, WIDTH), dtype=np.uint8), (0, 0), 3.0)
+        sets = []
+        for i, moving in enumerate(_blob_masks(6, 30)):
+            if i == 8:
+                ctrl.set_external(500.0, 60.0, i / FPS, 0.1)
+            flow = np.where(moving[..., None], np.float32([2.5, -1.0]), np.float32([0.2, 0.1]))
+            ctrl.update(flow, GRID, i / FPS, independent=moving, gray=gray, is_cut=i == 20)
+            sets.append(ctrl.fixations)
+        return sets
+
+    first, second = run(), run()
+    assert first == second
+    assert all(len(s.fixations) == len(s.weights) and sum(s.weights) == pytest.approx(1.0) for s in first)
+    assert any(s.saccade for s in first)

@@ -9,7 +9,15 @@ import math
 import numpy as np
 import pytest
 
-from fovea_vla.core.foveation import FoveationConfig, foveated_layout, foveated_layout_multi
+from fovea_vla.core.foveation import (
+    _GROWTH_GRID,
+    FoveationConfig,
+    _owned_or_free,
+    _ring_template,
+    _solve_region,
+    foveated_layout,
+    foveated_layout_multi,
+)
 
 SIZES = [(640, 480), (1920, 1080), (1280, 720), (360, 240), (97, 61)]
 
@@ -215,3 +223,67 @@ def test_multi_with_one_fixation_is_the_single_layout():
 def test_multi_rejects_bad_input(fixations, weights):
     with pytest.raises(ValueError):
         foveated_layout_multi(FoveationConfig(), 640, 480, fixations, weights)
+
+
+# -- the growth search against a reference without shortcuts -------------------------------------
+
+
+def _reference_region(cfg, width, height, fx, fy, e0, max_radius, budget, rank, region, points):
+    """The region search that counts every probed template in full, the smallest growth's first."""
+
+    def count(index):
+        template = _ring_template(float(_GROWTH_GRID[index]), e0, cfg.patch_size, max_radius)
+        x, y = template[:, 0] + fx, template[:, 1] + fy
+        keep = (x >= 0.0) & (x <= width - 1.0) & (y >= 0.0) & (y <= height - 1.0)
+        if len(rank) > 1:
+            keep &= _owned_or_free(x, y, e0, rank, region, points)
+        return int(keep.sum()), template[keep]
+
+    lo, hi = 0, len(_GROWTH_GRID) - 1
+    if count(lo)[0] < budget:
+        hi = lo
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count(mid)[0] >= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    available, patches = count(lo)
+    if available < budget:
+        patches = np.concatenate([patches] * math.ceil(budget / max(available, 1)), axis=0)
+    order = np.argsort(patches[:, 3], kind="stable")[:budget]
+    return patches[np.sort(order)], float(_GROWTH_GRID[lo])
+
+
+@pytest.mark.parametrize(("width", "height"), SIZES)
+@pytest.mark.parametrize("budget", [64, 273, 1024, 4096])
+def test_region_search_matches_the_reference(width, height, budget):
+    """Memoised probes and the smallest growth settled on its first rings give the same patches
+    and growth, bit for bit, as counting every probe in full (one and several fixations)."""
+    cfg = FoveationConfig(num_tokens=budget)
+    e0 = cfg.e0_pixels(width, height)
+    max_radius = float(math.ceil(math.hypot(width, height) / 64.0) * 64.0)
+    rng = np.random.default_rng(budget + width)
+    corners = [(0.0, 0.0), (width - 1.0, height - 1.0), (0.0, height - 1.0)]
+    randoms = [tuple(rng.uniform(0, 1, 2) * (width - 1, height - 1)) for _ in range(3)]
+    for fx, fy in corners + randoms:
+        args = (cfg, width, height, fx, fy, e0, max_radius, budget, [0], 0, np.array([(fx, fy)]))
+        (patches, growth), (expected, expected_growth) = _solve_region(*args), _reference_region(*args)
+        np.testing.assert_array_equal(patches, expected)
+        assert growth == expected_growth
+    points = np.array(randoms)
+    for region in range(3):
+        args = (cfg, width, height, *points[region], e0, max_radius, budget // 3, [2, 0, 1], region, points)
+        (patches, growth), (expected, expected_growth) = _solve_region(*args), _reference_region(*args)
+        np.testing.assert_array_equal(patches, expected)
+        assert growth == expected_growth
+
+
+def test_ring_templates_of_a_smaller_radius_are_prefixes():
+    """The search settles the smallest growth on a template of a quarter of the radius, which only
+    holds if such a template is the first rows of the full one."""
+    for growth in (_GROWTH_GRID[0], _GROWTH_GRID[57], _GROWTH_GRID[120]):
+        full = _ring_template(float(growth), 330.4, 16, 2240.0)
+        prefix = _ring_template(float(growth), 330.4, 16, 560.0)
+        assert len(prefix) < len(full)
+        np.testing.assert_array_equal(full[: len(prefix)], prefix)
