@@ -1,18 +1,41 @@
-"""Probes for accelerated libraries and devices, each returning ``(ok, reason)`` without raising.
+"""Probes for accelerated libraries and devices, each returning ``(ok, reason)`` without raising,
+and :func:`collector_paused` for CUDA graph captures.
 
 Used by backends' availability checks and by ``fovea-vla doctor``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import gc
 import importlib
 import os
+from collections.abc import Iterator
 
 from fovea_vla.core.registry import Availability
 
-__all__ = ["PROBES", "probe_all"]
+__all__ = ["PROBES", "collector_paused", "probe_all"]
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block (a CUDA graph capture).
+
+    A collection that starts inside a capture finalises whatever unreachable objects it finds on the
+    capturing thread, and some release device resources with calls that are illegal while a stream
+    captures (CuPy's CUDA arrays and texture objects, GL registrations): the capture is invalidated
+    ("operation failed due to a previous error during capture"). Seen intermittently on an H100 in
+    the GPU test run, where earlier tests leave such objects behind.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _import(module: str) -> tuple[object | None, str]:

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fovea_vla.core import accel
 from fovea_vla.core._validation import is_int, is_real
 from fovea_vla.core.foveation import FoveationConfig, foveated_layout
 
@@ -1144,7 +1145,7 @@ class FoveatedEncoder:
                 run(*entry.inputs)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         # thread_local: another thread (the policy in vla_stack) may use the GPU while this one captures.
-        with torch.cuda.graph(entry.graph, capture_error_mode="thread_local"):
+        with accel.collector_paused(), torch.cuda.graph(entry.graph, capture_error_mode="thread_local"):
             entry.outputs = run(*entry.inputs)
         return entry
 

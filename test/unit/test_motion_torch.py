@@ -510,3 +510,22 @@ def test_motion_imports_without_torch():
 def test_doctests():
     torch.set_num_threads(1)
     assert doctest.testmod(motion_torch).failed == 0
+
+
+def test_collector_paused_during_a_capture_and_restored_after():
+    import gc
+
+    from fovea_vla.core.accel import collector_paused
+
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), collector_paused():
+        assert not gc.isenabled()
+        raise RuntimeError("capture failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # left as the caller had it
+    finally:
+        gc.enable()

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fovea_vla.core import accel
 from fovea_vla.core.flow.base import FlowResult
 from fovea_vla.core.flow.motion import (
     _MIN_CONTRAST,
@@ -330,10 +331,11 @@ class TorchMotion:
                 first, second = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
                 # thread_local: CUDA calls of the process's other threads (the action head, the encoder,
                 # a decoder) must not invalidate this capture.
-                with torch.cuda.graph(first, stream=stream, capture_error_mode="thread_local"):
-                    stage = self._before_fit()
-                with torch.cuda.graph(second, pool=first.pool(), stream=stream, capture_error_mode="thread_local"):
-                    outputs = self._after_fit(*stage)
+                with accel.collector_paused():
+                    with torch.cuda.graph(first, stream=stream, capture_error_mode="thread_local"):
+                        stage = self._before_fit()
+                    with torch.cuda.graph(second, pool=first.pool(), stream=stream, capture_error_mode="thread_local"):
+                        outputs = self._after_fit(*stage)
         except RuntimeError as exc:  # pragma: no cover - depends on the driver
             _LOG.warning("motion: CUDA graph capture failed (%s); launching kernels one by one", exc)
             self._graphs_wanted = False

@@ -64,6 +64,7 @@ import time
 
 import numpy as np
 
+from fovea_vla.core import accel
 from fovea_vla.core.flow import _lk
 from fovea_vla.core.flow._lk import GRAY_WEIGHTS, DenseLK, LKParams, median5, to_output_grid
 from fovea_vla.core.flow.base import FLOW_BACKENDS, FlowConfig, FlowResult, grid_shape
@@ -207,7 +208,7 @@ class TorchFlow:
                 self._pipeline(self._static_in)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with accel.collector_paused(), torch.cuda.graph(graph):
             self._static_out = self._pipeline(self._static_in)
         self._graph = graph
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fovea_vla.core import accel
 from fovea_vla.core.policy.head import ActionHead
 
 __all__ = ["ActionHeadRunner", "HeadOutput", "RunnerConfig"]
@@ -138,7 +139,7 @@ class ActionHeadRunner:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the encoder's thread may allocate or synchronise while this thread captures.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with accel.collector_paused(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
             actions = self.model(*static)
         return _Graph(graph, *static, actions)
 
