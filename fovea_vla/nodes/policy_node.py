@@ -834,7 +834,11 @@ class PolicyNode(ManagedNode):
         if not (self._started and self.params["enable_actions"]):
             return
         with self._lock:
-            position = self.chunk_executor.position
+            # The last command sent, not the executor's position: the policy thread may have re-anchored
+            # the executor to the measured state since (resuming from a hold), and the arm is where the
+            # commands took it.
+            last = self._last_command
+            position = (last.position if last is not None else self.chunk_executor.position).copy()
             hold_s = self._now_s() + self.chunk_executor.cfg.period_s
         zeros = np.zeros_like(position)
         stamp_ns = self._last_command.stamp_ns if self._last_command is not None else 0
