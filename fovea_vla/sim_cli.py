@@ -1,5 +1,6 @@
-"""``fovea-vla record-sim`` and ``fovea-vla eval-sim``: demonstrations and closed-loop evaluation in
-the simulated tabletop task, in process or over ROS."""
+"""``fovea-vla record-sim`` and ``fovea-vla eval-sim``: demonstrations (the scripted expert's, or a
+policy's rollouts labelled by the expert for DAgger) and closed-loop evaluation in the simulated tabletop
+task, in process or over ROS."""
 
 from __future__ import annotations
 
@@ -22,43 +23,121 @@ def parse_image_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def _env(args):
+def _env(args, start_offset: tuple[float, float, float] = (0.0, 0.0, 0.0)):
     from fovea_vla.core.sim.tabletop import TabletopConfig, TabletopEnv
 
     width, height = args.image_size
-    return TabletopEnv(TabletopConfig(image_width=width, image_height=height, max_steps=args.max_steps))
+    return TabletopEnv(
+        TabletopConfig(image_width=width, image_height=height, max_steps=args.max_steps, start_offset=start_offset)
+    )
+
+
+def parse_offset(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected X,Y,Z in metres, got {text!r}") from exc
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected X,Y,Z in metres, got {text!r}")
+    return values
+
+
+def _expert_episode(env, seed: int, index: int, goal, action_noise: float) -> tuple[list, bool]:
+    """The scripted expert acts (its commands perturbed by ``action_noise`` when > 0) and labels."""
+    from fovea_vla.core.sim.expert import ActionNoise, PushExpert
+
+    observation = env.reset(seed, goal=goal)
+    expert = PushExpert(env.task)
+    noise = ActionNoise(action_noise, env.cfg.control_hz, (seed, index, 2))
+    frames = []
+    for _ in range(env.cfg.max_steps):
+        action = expert.act(observation, env.privileged())
+        frames.append((observation.rgb, env.state(), action))  # the label is the clean command
+        observation = env.step(noise(action))
+        if env.success():
+            break
+    return frames, env.success()
+
+
+def _policy_labeller(args):
+    """DAgger: ``episode(env, seed, goal)`` runs the policy in closed loop (as eval-sim does) and labels
+    every visited state with the expert's action; returns (frames, policy succeeded)."""
+    from fovea_vla.core.sim.closed_loop import run_episode
+    from fovea_vla.core.sim.expert import PushExpert
+
+    pipeline, runner, spec, text, settings = _policy_stack(args)
+
+    def episode(env, seed: int, goal) -> tuple[list, bool]:
+        frames, expert = [], None
+
+        def label(observation, state, command):
+            nonlocal expert
+            if expert is None:  # run_episode resets the env: the task is known from the first step on
+                expert = PushExpert(env.task)
+            frames.append((observation.rgb, state, expert.act(observation, env.privileged())))
+
+        report = run_episode(env, seed, pipeline, runner, spec, text, **settings, goal=goal, on_step=label)
+        return frames, report.success
+
+    return episode
 
 
 def _cmd_record(args) -> int:
     from fovea_vla.core.policy.dataset import LeRobotWriter
-    from fovea_vla.core.sim.expert import PushExpert
+    from fovea_vla.core.sim.tabletop import layout_goals
 
-    env = _env(args)
-    successes = 0
+    if args.instructions_per_layout < 1:
+        raise SystemExit(f"record-sim: --instructions-per-layout={args.instructions_per_layout}: must be >= 1")
+    try:
+        env = _env(args, args.start_offset)
+    except ValueError as exc:
+        raise SystemExit(f"record-sim: --start-offset: {exc}") from exc
+    policy_episode = _policy_labeller(args) if args.policy else None
+    successes = attempts = 0
     start = time.perf_counter()
     names = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
+    recording = {
+        "tool": "fovea-vla record-sim",
+        "first_seed": args.seed,
+        "layouts": args.episodes,
+        "instructions_per_layout": args.instructions_per_layout,
+        "image_size": list(args.image_size),
+        "max_steps": args.max_steps,
+        "keep_failures": args.keep_failures,
+        "action_noise_m": args.action_noise,
+        "start_offset_m": list(args.start_offset),
+        "policy": None if args.policy is None else str(Path(args.policy).resolve()),
+        "config": args.config if args.policy else None,
+    }
+    actor = "policy" if args.policy else "expert"
     with LeRobotWriter(
-        args.out, fps=env.cfg.control_hz, state_names=names, action_names=names, image_size=args.image_size
+        args.out,
+        fps=env.cfg.control_hz,
+        state_names=names,
+        action_names=names,
+        image_size=args.image_size,
+        recording=recording,
+        append=args.append,
     ) as writer:
         for seed in range(args.seed, args.seed + args.episodes):
-            observation = env.reset(seed)
-            expert = PushExpert(env.task)
-            frames = []
-            for _ in range(env.cfg.max_steps):
-                action = expert.act(observation, env.privileged())
-                frames.append((observation.rgb, env.state(), action))
-                observation = env.step(action)
-                if env.success():
-                    break
-            success = env.success()
-            successes += success
-            if success or args.keep_failures:
-                for rgb, state, action in frames:
-                    writer.add_frame(rgb, state, action)
-                writer.end_episode(env.instruction, success=success)
-            print(f"seed {seed}: {'success' if success else 'failure'} in {len(frames)} steps ({env.instruction})")
+            for index, goal in enumerate(layout_goals(env.cfg, seed, args.instructions_per_layout)):
+                if policy_episode is not None:
+                    frames, success = policy_episode(env, seed, goal)
+                else:
+                    frames, success = _expert_episode(env, seed, index, goal, args.action_noise)
+                successes += success
+                attempts += 1
+                if success or args.keep_failures or policy_episode is not None:
+                    for rgb, state, action in frames:
+                        writer.add_frame(rgb, state, action)
+                    writer.end_episode(env.instruction, success=success, extra={"layout": seed, "actor": actor})
+                print(
+                    f"seed {seed}: {actor} {'success' if success else 'failure'} in {len(frames)} steps "
+                    f"({env.instruction})",
+                    flush=True,
+                )
     env.close()
-    print(f"expert: {successes}/{args.episodes} successes; wrote {args.out} in {time.perf_counter() - start:.0f} s")
+    print(f"{actor}: {successes}/{attempts} successes; wrote {args.out} in {time.perf_counter() - start:.0f} s")
     return 0
 
 
@@ -72,13 +151,13 @@ def _write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
     writer.release()
 
 
-def _eval_in_process(args, out: Path) -> dict:
-    from fovea_vla.core.overlay import draw_overlay
+def _policy_stack(args):
+    """(pipeline, runner, spec, text encoder, run_episode keyword arguments) for ``args.policy``,
+    with the checks policy_node makes."""
     from fovea_vla.core.pipeline import FoveaPipeline
     from fovea_vla.core.policy.checkpoint import load_policy
     from fovea_vla.core.policy.runner import ActionHeadRunner, RunnerConfig
     from fovea_vla.core.policy.text import SentenceEncoder
-    from fovea_vla.core.sim.closed_loop import run_episode, summarize_episodes
     from fovea_vla.nodes.policy_node import executor_config_from_files, safety_limits_from_files
     from fovea_vla.train_cli import pipeline_config_from_files
 
@@ -95,13 +174,24 @@ def _eval_in_process(args, out: Path) -> dict:
     trained_depth, depth = spec.provenance.get("encoder_depth"), pipeline_cfg.encoder.dims()[1]
     if trained_depth is not None and trained_depth != depth:
         raise SystemExit(
-            f"eval-sim: {args.policy} was trained on tokens of {trained_depth} encoder blocks, "
+            f"{args.command}: {args.policy} was trained on tokens of {trained_depth} encoder blocks, "
             f"{args.config} runs {depth} (encoder.depth)"
         )
     pipeline = FoveaPipeline(pipeline_cfg)
     runner = ActionHeadRunner(model, RunnerConfig(device=args.device))
+    settings = {
+        "limits": safety_limits_from_files(args.config, spec),
+        "executor_cfg": executor_config_from_files(args.config),
+    }
+    return pipeline, runner, spec, text, settings
+
+
+def _eval_in_process(args, out: Path) -> dict:
+    from fovea_vla.core.overlay import draw_overlay
+    from fovea_vla.core.sim.closed_loop import run_episode, summarize_episodes
+
+    pipeline, runner, spec, text, settings = _policy_stack(args)
     env = _env(args)
-    limits, executor_cfg = safety_limits_from_files(args.config, spec), executor_config_from_files(args.config)
 
     def overlay(rgb, output):
         return draw_overlay(rgb, output.fixation, output.layout, None, output.flow_grid, label=env.instruction)
@@ -115,8 +205,7 @@ def _eval_in_process(args, out: Path) -> dict:
             runner,
             spec,
             text,
-            limits=limits,
-            executor_cfg=executor_cfg,
+            **settings,
             record=index < args.videos,
             overlay=overlay,
         )
@@ -208,10 +297,48 @@ def add_sim_parsers(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     record.add_argument("--out", required=True, help="dataset folder to write")
-    record.add_argument("--episodes", type=int, default=100)
+    record.add_argument(
+        "--episodes", type=int, default=100, help="layouts (seeds) to record; each gives --instructions-per-layout"
+    )
     record.add_argument("--seed", type=int, default=0, help="first seed (training seeds: keep evaluation seeds apart)")
+    record.add_argument(
+        "--instructions-per-layout",
+        type=int,
+        default=1,
+        help="episodes per layout, each with another goal in the same scene: the seed's own first, then other "
+        "feasible block/square pairs drawn from the seed (fewer where the layout has fewer); the same first "
+        "image with different instructions and actions makes the policy read the instruction. episodes.jsonl "
+        "gives each episode's layout (seed), info.json's recording these options",
+    )
     record.add_argument("--image-size", type=parse_image_size, default=(640, 480))
     record.add_argument("--max-steps", type=int, default=150)
+    record.add_argument(
+        "--action-noise",
+        type=float,
+        default=0.0,
+        help="std [m] of a smooth random offset (Ornstein-Uhlenbeck, 1 s) added to the executed tool position while "
+        "the expert's clean command is recorded as the action (DART): demonstrations of recovering from drift; "
+        "seeded by (seed, instruction, 2); the expert copes with about 0.01",
+    )
+    record.add_argument(
+        "--start-offset",
+        type=parse_offset,
+        default=(0.0, 0.0, 0.0),
+        help="X,Y,Z half-extents [m] of a random offset of the arm's start from home, drawn from the seed (all "
+        "goals of a layout start alike): with a fixed start a cloned policy can tell where it is heading from where "
+        "it is, without reading the instruction; e.g. 0.08,0.15,0.05",
+    )
+    record.add_argument(
+        "--policy",
+        default=None,
+        help="DAgger: this policy checkpoint acts in closed loop (as in eval-sim, --config's pipeline) and the expert "
+        "labels every state it visits; all its episodes are kept (success = the policy's)",
+    )
+    record.add_argument("--config", default="sim.yaml", help="with --policy: parameter file of the pipeline")
+    record.add_argument("--device", default="auto", help="with --policy: action head device")
+    record.add_argument(
+        "--append", action="store_true", help="add the episodes to the dataset at --out (e.g. a DAgger round)"
+    )
     record.add_argument("--keep-failures", action="store_true", help="also record the expert's failed episodes")
     record.set_defaults(func=_cmd_record)
 

@@ -218,3 +218,61 @@ def test_writer_checks_its_input(tmp_path):
     assert not (tmp_path / "a/videos/chunk-000" / IMAGE_KEY / "episode_000001.mp4").exists()
     with pytest.raises(FileExistsError, match=r"meta/info\.json: a dataset is already there"):
         LeRobotWriter(tmp_path / "a", fps=10, state_names=NAMES, action_names=NAMES, image_size=SIZE)
+
+
+def test_recording_and_episode_extras_round_trip(tmp_path):
+    recording = {"tool": "test", "instructions_per_layout": 2, "image_size": [64, 48]}
+    rng = np.random.default_rng(2)
+    with LeRobotWriter(
+        tmp_path / "a", fps=10, state_names=NAMES, action_names=NAMES, image_size=SIZE, recording=recording
+    ) as writer:
+        for episode, layout in enumerate((5, 5, 6)):
+            writer.add_frame(make_frame(0, episode, rng), np.zeros(7), np.zeros(7))
+            writer.end_episode(TASKS[episode], success=True, extra={"layout": layout})
+        writer.add_frame(make_frame(0, 3, rng), np.zeros(7), np.zeros(7))
+        with pytest.raises(ValueError, match=r"length are episodes\.jsonl's own keys"):
+            writer.end_episode("task", extra={"length": 3})
+        writer.end_episode("task")
+    dataset = LeRobotDataset(tmp_path / "a")
+    assert dataset.recording == recording
+    assert json.loads((tmp_path / "a/meta/info.json").read_text())["recording"] == recording
+    assert [dataset.episode_extra(i) for i in range(4)] == [{"layout": 5}, {"layout": 5}, {"layout": 6}, {}]
+    assert dataset.episode(1).extra == {"layout": 5} and dataset.episode(3).extra == {}
+    with pytest.raises(KeyError, match="episode 9"):
+        dataset.episode_extra(9)
+    with pytest.raises(ValueError, match="recording="):
+        LeRobotWriter(tmp_path / "b", fps=10, state_names=NAMES, action_names=NAMES, image_size=SIZE, recording=[1])
+
+
+def test_datasets_without_extras_read_as_before(recorded):
+    dataset = LeRobotDataset(recorded[0])
+    assert dataset.recording is None and "recording" not in dataset.info
+    assert all(dataset.episode(i).extra == {} for i in dataset.episode_indices)
+
+
+def test_append_continues_indices_tasks_and_recording(recorded, tmp_path):
+    root = copy_of(recorded, tmp_path)
+    rng = np.random.default_rng(3)
+    kwargs = dict(fps=10, state_names=NAMES, action_names=NAMES, image_size=SIZE)
+    with LeRobotWriter(root, **kwargs, recording={"round": 1}, append=True) as writer:
+        assert writer.num_episodes == 3
+        writer.add_frame(make_frame(0, 3, rng), np.ones(7), np.ones(7))
+        writer.add_frame(make_frame(1, 3, rng), np.ones(7), np.ones(7))
+        assert writer.end_episode(TASKS[1], success=False, extra={"layout": 9}) == 3
+        writer.add_frame(make_frame(0, 4, rng), np.ones(7), np.ones(7))
+        assert writer.end_episode("a new task") == 4
+    dataset = LeRobotDataset(root)
+    info = dataset.info
+    assert (info["total_episodes"], info["total_frames"], info["total_tasks"]) == (5, sum(LENGTHS) + 3, 3)
+    assert dataset.tasks == {0: TASKS[0], 1: TASKS[1], 2: "a new task"}
+    assert info["recording_appended"] == [{"round": 1}] and dataset.recording is None
+    episode = dataset.episode(3)
+    assert episode.task == TASKS[1] and episode.extra == {"layout": 9} and len(episode) == 2
+    table = pq.read_table(root / DATA_PATH.format(episode_chunk=0, episode_index=3))
+    assert table.column("index").to_pylist() == [sum(LENGTHS), sum(LENGTHS) + 1]
+    assert table.column("task_index").to_pylist() == [1, 1]
+    np.testing.assert_array_equal(dataset.episode(0).states, recorded[1][0][1].astype(np.float32))
+    stats = [json.loads(line) for line in (root / "meta/episodes_stats.jsonl").read_text().splitlines()]
+    assert [s["episode_index"] for s in stats] == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match=r"append: .* has"):
+        LeRobotWriter(root, **(kwargs | {"fps": 20}), append=True)

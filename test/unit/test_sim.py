@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 
 from fovea_vla.core.sim import tabletop as tabletop_module
-from fovea_vla.core.sim.expert import PushExpert, PushExpertConfig, expert_success_rate, run_expert
+from fovea_vla.core.sim.expert import ActionNoise, PushExpert, PushExpertConfig, expert_success_rate, run_expert
 from fovea_vla.core.sim.tabletop import (
     BLOCK_COLOURS,
     SQUARE_COLOURS,
     TabletopConfig,
     TabletopEnv,
+    feasible_goals,
+    layout_goals,
     matrix_to_rpy,
     rpy_to_matrix,
 )
@@ -68,6 +70,9 @@ def test_rpy_round_trip_and_convention():
         ({"camera_target": (0.95, 0.0, 0.5), "camera_eye": (0.95, 0.0, 0.95)}, "camera_target"),
         ({"workspace_high": (0.2, 0.4, 0.45)}, "workspace_high"),
         ({"render": 1}, "render"),
+        ({"start_offset": (0.1, 0.3, 0.0)}, "start_offset"),
+        ({"start_offset": (0.1, -0.1, 0.0)}, "start_offset"),
+        ({"start_offset": (0.1, 0.1)}, "start_offset"),
     ],
 )
 def test_config_rejects_bad_values(changes, field):
@@ -143,6 +148,82 @@ def test_tasks_follow_the_spec(blind_env):
         assert not blind_env.success()
     # The seed varies the number of blocks and the chosen block and square.
     assert counts == {2, 3, 4} and squares == set(SQUARE_COLOURS) and len(blocks) >= 3
+
+
+def test_goals_of_a_layout_are_distinct_fair_and_deterministic():
+    cfg = TabletopConfig()
+    sizes = set()
+    for seed in range(30):
+        goals = feasible_goals(cfg, seed)
+        sizes.add(len(goals))
+        assert len(set(goals)) == len(goals)
+        assert all(block in BLOCK_COLOURS and square in SQUARE_COLOURS for block, square in goals)
+        drawn = layout_goals(cfg, seed, 3)
+        assert drawn == layout_goals(cfg, seed, 3) and drawn[0] == goals[0]
+        assert len(drawn) == min(3, len(goals)) and set(drawn) <= set(goals)
+        assert layout_goals(cfg, seed, 1) == goals[:1]
+    assert min(sizes) >= 1 and max(sizes) >= 3  # most layouts offer several goals
+    with pytest.raises(ValueError, match="count=0"):
+        layout_goals(cfg, 0, 0)
+    with pytest.raises(ValueError, match="seed=-1"):
+        feasible_goals(cfg, -1)
+
+
+def test_reset_with_a_goal_keeps_the_scene_and_changes_the_task(env):
+    own, other, *_ = feasible_goals(env.cfg, 0)
+    first = env.reset(0)
+    scene = env.privileged()["block_positions"]
+    task = env.task
+    assert (task.block_colour, task.square_colour) == own
+    assert np.array_equal(env.reset(0, goal=own).rgb, first.rgb) and env.task.instruction == task.instruction
+    again = env.reset(0, goal=other)
+    assert np.array_equal(again.rgb, first.rgb)  # the same image ...
+    np.testing.assert_array_equal(env.privileged()["block_positions"], scene)
+    assert (env.task.block_colour, env.task.square_colour) == other  # ... with another instruction
+    assert env.instruction == f"push the {other[0]} block onto the {other[1]} square"
+    assert env.task.block_id == env.task.block_ids[env.task.block_colours.index(other[0])]
+    np.testing.assert_array_equal(env.task.square_centre, env.task.square_centres[env.task.square_index])
+
+
+def test_reset_refuses_a_goal_outside_the_scene_or_unfair(blind_env):
+    blind_env.reset(1)
+    missing = next(c for c in BLOCK_COLOURS if c not in blind_env.task.block_colours)
+    with pytest.raises(ValueError, match=r"goal=.*seed 1 has blocks"):
+        blind_env.reset(1, goal=(missing, "green"))
+    unfair = next(
+        (block, square)
+        for block in blind_env.task.block_colours
+        for square in SQUARE_COLOURS
+        if (block, square) not in feasible_goals(blind_env.cfg, 1)
+    )
+    with pytest.raises(ValueError, match="not a fair task"):
+        blind_env.reset(1, goal=unfair)
+    with pytest.raises(ValueError, match="goal="):
+        blind_env.reset(1, goal="red")
+
+
+def test_random_start_follows_the_seed_not_the_goal(pybullet):
+    extent = np.array([0.08, 0.15, 0.05])
+    with (
+        TabletopEnv(TabletopConfig(render=False, start_offset=tuple(extent))) as moved,
+        TabletopEnv(TabletopConfig(render=False)) as fixed,
+    ):
+        home = fixed.reset(1).ee_pose
+        starts = []
+        for seed in (1, 2, 3):
+            goals = feasible_goals(moved.cfg, seed)
+            poses = [moved.reset(seed, goal=goal).ee_pose for goal in goals[:2]]
+            np.testing.assert_array_equal(poses[0], poses[1])  # every goal of a layout starts alike
+            np.testing.assert_array_equal(poses[0], moved.reset(seed).ee_pose)
+            assert np.all(np.abs(poses[0][:3] - home[:3]) <= extent + 0.005)  # IK settles within ~mm
+            np.testing.assert_allclose(poses[0][3:], 0.0, atol=0.02)  # pointing down
+            # The layout is the seed's, whatever the start.
+            blocks = moved.privileged()["block_positions"]
+            fixed.reset(seed)
+            np.testing.assert_allclose(blocks[:, :2], fixed.privileged()["block_positions"][:, :2], atol=1e-3)
+            starts.append(poses[0][:3])
+        assert np.ptp(np.array(starts), axis=0).min() > 0.005  # seeds start apart
+        assert run_expert(moved, 2).success
 
 
 def test_home_pose_points_down_in_tool_frame(env):
@@ -252,6 +333,31 @@ def test_expert_pushes_the_block_onto_the_square(env, seed):
     assert np.abs(moved).max(initial=0.0) < 0.01
 
 
+def test_expert_solves_the_other_goals_of_a_layout(blind_env):
+    for seed in (1, 3):
+        for goal in layout_goals(blind_env.cfg, seed, 3)[1:]:
+            result = run_expert(blind_env, seed, goal=goal)
+            assert result.success and result.instruction.startswith(f"push the {goal[0]} block"), (seed, goal)
+
+
+def test_action_noise_is_smooth_seeded_and_leaves_orientation_and_gripper():
+    action = np.r_[0.5, 0.0, 0.1, 0.0, 0.0, 0.0, 1.0]
+    first, second = ActionNoise(0.02, 10.0, (3, 1, 2)), ActionNoise(0.02, 10.0, (3, 1, 2))
+    noisy = np.array([first(action) for _ in range(4000)])
+    assert np.array_equal(noisy[:50], [second(action) for _ in range(50)])
+    np.testing.assert_array_equal(noisy[0], action)  # the first command is clean
+    np.testing.assert_array_equal(noisy[:, 3:], np.tile(action[3:], (len(noisy), 1)))
+    offsets = noisy[:, :3] - action[:3]
+    np.testing.assert_allclose(offsets[500:].std(axis=0), [0.02, 0.02, 0.01], rtol=0.35)
+    # Drifts rather than jitters: a step changes the offset by about 0.02 * sqrt(2 (1 - exp(-0.1))) = 8.7 mm.
+    np.testing.assert_allclose(np.diff(offsets[:, 0]).std(), 0.0087, rtol=0.15)
+    np.testing.assert_array_equal(ActionNoise(0.0, 10.0, 0)(action), action)
+    with pytest.raises(ValueError, match=r"std=-0\.1"):
+        ActionNoise(-0.1, 10.0, 0)
+    with pytest.raises(ValueError, match="time_constant_s=0"):
+        ActionNoise(0.01, 10.0, 0, time_constant_s=0)
+
+
 def test_rendering_does_not_change_the_physics(env, blind_env):
     seen, blind = run_expert(env, 4, max_steps=25), run_expert(blind_env, 4, max_steps=25)
     assert np.array_equal(seen.states, blind.states) and np.array_equal(seen.actions, blind.actions)
@@ -267,3 +373,107 @@ def test_expert_success_rate_and_hold_after_success(blind_env):
     np.testing.assert_allclose(action[:3], obs.ee_pose[:3])
     with pytest.raises(ValueError, match="no seeds"):
         expert_success_rate([])
+
+
+# ---------------------------------------------------------------------------------- record-sim CLI
+def test_record_sim_writes_several_instructions_per_layout(pybullet, tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    from fovea_vla.cli import main
+    from fovea_vla.core.policy.dataset import LeRobotDataset
+
+    out = tmp_path / "demo"
+    argv = ["record-sim", "--out", str(out), "--episodes", "2", "--seed", "1", "--image-size", "64x48"]
+    assert main([*argv, "--instructions-per-layout", "2"]) == 0
+    assert "expert: 4/4 successes" in capsys.readouterr().out
+    dataset = LeRobotDataset(out)
+    goals = [goal for seed in (1, 2) for goal in layout_goals(TabletopConfig(), seed, 2)]
+    assert [dataset.episode(i).task for i in dataset.episode_indices] == [
+        f"push the {block} block onto the {square} square" for block, square in goals
+    ]
+    assert [dataset.episode_extra(i)["layout"] for i in dataset.episode_indices] == [1, 1, 2, 2]
+    assert dataset.recording["instructions_per_layout"] == 2 and dataset.recording["first_seed"] == 1
+    first_frames = [next(iter(dataset.episode(i).frames)) for i in (0, 1)]
+    assert np.abs(first_frames[0].astype(int) - first_frames[1]).mean() < 1.0  # one scene (lossy video)
+    with pytest.raises(SystemExit, match="instructions-per-layout=0"):
+        main([*argv[:2], str(tmp_path / "other"), *argv[3:], "--instructions-per-layout", "0"])
+    # --append adds episodes (here perturbed by --action-noise; the labels stay the expert's clean commands).
+    extra = ["--append", "--action-noise", "0.005", "--start-offset", "0.05,0.05,0"]
+    assert main([*argv[:4], "1", "--seed", "3", "--image-size", "64x48", *extra]) == 0
+    dataset = LeRobotDataset(out)
+    assert dataset.num_episodes == 5 and dataset.episode_extra(4) == {"layout": 3, "actor": "expert"}
+    appended = dataset.info["recording_appended"][0]
+    assert appended["action_noise_m"] == 0.005 and appended["start_offset_m"] == [0.05, 0.05, 0.0]
+    assert np.abs(dataset.episode(4).states[0, :3] - dataset.episode(0).states[0, :3]).max() > 1e-3
+    labels = dataset.episode(4).actions
+    assert (
+        np.all(labels[:, 3:6] == 0.0) and np.linalg.norm(np.diff(labels[:, :3], axis=0), axis=1).max() <= 0.015 + 1e-6
+    )
+
+
+# ------------------------------------------------------------------------------ closed loop (DAgger)
+def test_closed_loop_takes_a_goal_and_reports_every_step_for_labelling(env):
+    """run_episode with another goal of the layout, an untrained head on a tiny random encoder, and an
+    on_step hook that labels the visited states with the expert (what record-sim --policy does)."""
+    from fovea_vla.core.encoder import EncoderConfig
+    from fovea_vla.core.flow import FlowConfig
+    from fovea_vla.core.foveation import FoveationConfig
+    from fovea_vla.core.pipeline import FoveaPipeline, PipelineConfig
+    from fovea_vla.core.policy.checkpoint import PolicySpec
+    from fovea_vla.core.policy.head import ActionHead, ActionHeadConfig
+    from fovea_vla.core.policy.runner import ActionHeadRunner, RunnerConfig
+    from fovea_vla.core.policy.safety import SafetyLimits
+    from fovea_vla.core.sim.closed_loop import run_episode
+    from fovea_vla.core.texture import TextureConfig
+
+    class ZeroText:
+        name, dim = "zero-test", 8
+
+        def embed(self, text: str) -> np.ndarray:
+            return np.zeros(self.dim, np.float32)
+
+    pipeline = FoveaPipeline(
+        PipelineConfig(
+            flow=FlowConfig(backend="dis", grid=4, preset="ultrafast", scale=0.5),
+            texture=TextureConfig(backend="torch", device="cpu"),
+            foveation=FoveationConfig(num_tokens=16),
+            encoder=EncoderConfig(architecture=None, embed_dim=32, depth=1, num_heads=2, device="cpu"),
+        )
+    )
+    head = ActionHeadConfig(
+        token_dim=32, instruction_dim=8, state_dim=7, action_dim=7, chunk_size=4, width=16, depth=1, num_heads=2
+    )
+    names = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
+    spec = PolicySpec(
+        head=head,
+        action_space="ee_pose",
+        action_names=names,
+        state_names=names,
+        step_s=0.1,
+        encoder_architecture="tiny-test",
+        text_encoder=ZeroText.name,
+    )
+    runner = ActionHeadRunner(ActionHead.from_config(head), RunnerConfig(device="cpu"))
+    goal = feasible_goals(env.cfg, 3)[1]
+    visited, experts = [], []
+
+    def label(observation, state, command):
+        if not experts:
+            experts.append(PushExpert(env.task))
+        visited.append((observation.step, state, command, experts[0].act(observation, env.privileged())))
+
+    report = run_episode(
+        env,
+        3,
+        pipeline,
+        runner,
+        spec,
+        ZeroText(),
+        limits=SafetyLimits.unlimited(7),
+        max_steps=3,
+        goal=goal,
+        on_step=label,
+    )
+    assert report.steps == 3 and report.instruction == f"push the {goal[0]} block onto the {goal[1]} square"
+    assert [step for step, *_ in visited] == [0, 1, 2]
+    for _, state, command, action in visited:
+        assert state.shape == (7,) and command.shape == (7,) and action.shape == (7,) and action[6] == 1.0

@@ -191,6 +191,26 @@ def test_batches_hold_frames_of_one_token_count():
     assert len(batches) == len(split.batches(3, None)) == 2 + 1 + 1  # 6 x 24, 3 x 32, 1 x 48
 
 
+def test_validation_holds_out_whole_layouts():
+    """Episodes recorded in one scene with different instructions (record-sim's
+    --instructions-per-layout) must not straddle the split; without layouts the split is unchanged."""
+    indices = tuple(range(12))
+    layouts = {i: i // 3 for i in indices}  # four scenes, three instructions each
+    for seed in range(10):
+        train_ids, val_ids = training_module._split_episodes(indices, 0.25, seed, layouts)
+        assert len(val_ids) == 3 and sorted(train_ids + val_ids) == list(indices)
+        assert len({layouts[i] for i in val_ids}) == 1 and not {layouts[i] for i in val_ids} & {
+            layouts[i] for i in train_ids
+        }
+    plain = training_module._split_episodes(indices, 0.25, 3)
+    assert plain == training_module._split_episodes(indices, 0.25, 3, {})
+    order = np.random.default_rng(3).permutation(12)
+    assert plain[1] == sorted(order[:3].tolist())  # the per-episode split of earlier runs (resume keeps working)
+    # Episodes without a layout are their own group.
+    train_ids, val_ids = training_module._split_episodes((0, 1, 2), 0.5, 0, {0: "a", 1: "a"})
+    assert sorted(train_ids + val_ids) == [0, 1, 2] and (val_ids in ([0, 1], [2]))
+
+
 @pytest.fixture(scope="module")
 def trained(dataset, tokens, text_encoder, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")

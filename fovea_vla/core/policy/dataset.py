@@ -32,7 +32,11 @@ The camera (``observation.images.front``, shape ``[H, W, 3]``, names ``[height, 
 MP4 per episode written with OpenCV's ``mp4v`` fourcc (MPEG-4 Part 2, yuv420p), one video frame per row.
 Width and height must be even (the encoder rounds odd sizes down). ``episodes_stats.jsonl`` is what
 LeRobot v2.1 reads for normalisation (images in [0, 1] per channel, shape (3, 1, 1)); the reader here
-does not need it. ``success`` in episodes.jsonl is our extra (None when unknown).
+does not need it. ``success`` in episodes.jsonl is our extra (None when unknown), and so are any further
+per-episode keys a recorder adds (``end_episode(extra=...)``, e.g. ``layout``: the simulator seed of the
+scene, shared by the episodes recorded with several instructions in one layout) and info.json's
+``recording`` (how the data was made, e.g. record-sim's seeds and instructions per layout); LeRobot
+ignores keys it does not know.
 
 Known differences and limits:
 
@@ -50,8 +54,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -89,6 +93,7 @@ _SCALARS = {
     "index": "int64",
     "task_index": "int64",
 }
+_EPISODE_KEYS = ("episode_index", "tasks", "length", "success")  # episodes.jsonl's standard keys
 _STATS_IMAGE_SAMPLES = 100  # frames per episode for the image statistics (LeRobot samples too)
 
 
@@ -136,16 +141,21 @@ class LeRobotWriter:
     episode, so a crash loses at most the episode in progress.
 
     Args:
-        root: the dataset folder; must not hold a dataset yet (no ``meta/info.json``).
+        root: the dataset folder; must not hold a dataset yet (no ``meta/info.json``) unless ``append``.
         fps: frame rate [Hz]; frame t has timestamp ``t / fps`` and its action is due ``1 / fps`` later.
         state_names: S names of the state dims.
         action_names: A names of the action dims.
         image_size: (W, H) of the camera frames [px], both even.
         robot_type: free text (LeRobot's ``robot_type``).
+        recording: JSON-serialisable description of how the data was made, written as
+            ``recording`` in info.json (None: not written). When appending, it is added to the
+            list ``recording_appended`` instead.
+        append: continue a dataset this writer's format wrote (same fps, names and image size):
+            new episodes get the next indices (e.g. DAgger rounds added to the demonstrations).
 
     Raises:
-        ValueError: a refused argument (named).
-        FileExistsError: ``root`` already holds a dataset.
+        ValueError: a refused argument (named), or an ``append`` target that does not match.
+        FileExistsError: ``root`` already holds a dataset and ``append`` is false.
     """
 
     def __init__(
@@ -157,6 +167,8 @@ class LeRobotWriter:
         action_names: Sequence[str],
         image_size: tuple[int, int],
         robot_type: str = "panda",
+        recording: Mapping | None = None,
+        append: bool = False,
     ):
         if not is_real(fps) or not (0 < fps <= 1000 and math.isfinite(fps)):
             raise ValueError(f"fps={fps!r}: must be a number in (0, 1000]")
@@ -168,13 +180,18 @@ class LeRobotWriter:
         if len(image_size) != 2 or not all(is_int(v) and v >= 2 and v % 2 == 0 for v in image_size):
             raise ValueError(f"image_size={image_size!r}: must be (W, H) with even integers >= 2 (mp4v needs them)")
         self.root = Path(root)
-        if (self.root / INFO_FILE).exists():
-            raise FileExistsError(f"{self.root / INFO_FILE}: a dataset is already there (choose a new folder)")
+        if (self.root / INFO_FILE).exists() and not append:
+            raise FileExistsError(
+                f"{self.root / INFO_FILE}: a dataset is already there (choose a new folder, or append)"
+            )
         self.fps = float(fps)
         self.state_names = tuple(state_names)
         self.action_names = tuple(action_names)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.robot_type = str(robot_type)
+        if recording is not None and not isinstance(recording, Mapping):
+            raise ValueError(f"recording={recording!r}: must be a mapping or None")
+        self.recording = None if recording is None else json.loads(json.dumps(dict(recording)))
         self._episodes: list[dict] = []
         self._episode_stats: list[dict] = []
         self._tasks: dict[str, int] = {}
@@ -185,7 +202,30 @@ class LeRobotWriter:
         self._actions: list[np.ndarray] = []
         self._image_sums: list[np.ndarray] = []
         self._closed = False
+        self._appended: list = []
+        if append and (self.root / INFO_FILE).exists():
+            self._continue()
         (self.root / "meta").mkdir(parents=True, exist_ok=True)
+
+    def _continue(self) -> None:
+        """Load the meta files of the dataset at ``root`` to append to it."""
+        existing = LeRobotDataset(self.root)
+        found = (existing.fps, existing.state_names, existing.action_names, existing.image_size)
+        wanted = (self.fps, self.state_names, self.action_names, self.image_size)
+        if found != wanted or existing.image_key != IMAGE_KEY:
+            raise ValueError(
+                f"append: {self.root} has (fps, state_names, action_names, image_size) = {found}, this writer {wanted}"
+            )
+        self._episodes = _read_jsonl(self.root / EPISODES_FILE)
+        if [e["episode_index"] for e in self._episodes] != list(range(existing.num_episodes)):
+            raise ValueError(f"append: {self.root / EPISODES_FILE} does not number its episodes 0..E-1")
+        self._episode_stats = _read_jsonl(self.root / EPISODES_STATS_FILE)
+        self._tasks = {task: index for index, task in existing.tasks.items()}
+        self._total_frames = existing.num_frames
+        self._appended = list(existing.info.get("recording_appended", []))
+        if self.recording is not None:
+            self._appended.append(self.recording)
+        self.recording = existing.recording
 
     def __enter__(self) -> LeRobotWriter:
         return self
@@ -243,24 +283,31 @@ class LeRobotWriter:
         if len(self._states) <= _STATS_IMAGE_SAMPLES:
             self._image_sums.append(rgb[::4, ::4].reshape(-1, 3).astype(np.float32) / 255.0)
 
-    def end_episode(self, task: str, success: bool | None = None) -> int:
+    def end_episode(self, task: str, success: bool | None = None, *, extra: Mapping | None = None) -> int:
         """Finish the current episode: close its video, write its parquet file and the meta files.
 
         Args:
             task: the instruction given for this episode.
             success: whether the episode reached its goal (None = unknown).
+            extra: further JSON-serialisable keys for the episode's line in episodes.jsonl (read
+                back as :attr:`Episode.extra`); must not shadow ``episode_index``, ``tasks``,
+                ``length`` or ``success``.
 
         Returns:
             The episode's index.
 
         Raises:
-            ValueError: no frames since the last episode, or an empty task.
+            ValueError: no frames since the last episode, an empty task, or ``extra`` shadowing a
+                standard key.
         """
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         if not isinstance(task, str) or not task.strip():
             raise ValueError(f"task={task!r}: must be a non-empty string")
+        extra = {} if extra is None else json.loads(json.dumps(dict(extra)))
+        if shadowed := sorted(set(extra) & set(_EPISODE_KEYS)):
+            raise ValueError(f"extra={extra!r}: {', '.join(shadowed)} are episodes.jsonl's own keys")
         if success is not None and not isinstance(success, bool | np.bool_):
             raise ValueError(f"success={success!r}: must be True, False or None")
         if not self._states:
@@ -301,7 +348,7 @@ class LeRobotWriter:
         for name in _SCALARS:
             stats[name] = _stats(np.asarray(columns[name]).reshape(-1, 1), 0)
         self._episode_stats.append({"episode_index": index, "stats": stats})
-        self._episodes.append({"episode_index": index, "tasks": [task], "length": length, "success": success})
+        self._episodes.append({"episode_index": index, "tasks": [task], "length": length, "success": success} | extra)
         self._total_frames += length
         self._states, self._actions, self._image_sums = [], [], []
         self._video_path = None
@@ -351,6 +398,10 @@ class LeRobotWriter:
             "video_path": VIDEO_PATH,
             "features": self._features(),
         }
+        if self.recording is not None:
+            info["recording"] = self.recording
+        if self._appended:
+            info["recording_appended"] = self._appended
         lines = {
             "episodes.jsonl": self._episodes,
             "tasks.jsonl": [{"task_index": i, "task": t} for t, i in self._tasks.items()],
@@ -386,6 +437,7 @@ class Episode:
         actions: (T, A) float32 action per frame (the target one step after the frame).
         timestamps: (T,) float64 time of each frame from the episode start [s].
         success: whether the episode reached its goal, None when unknown.
+        extra: the episode's further keys in episodes.jsonl (e.g. ``layout``), empty when none.
     """
 
     index: int
@@ -395,6 +447,7 @@ class Episode:
     actions: np.ndarray
     timestamps: np.ndarray
     success: bool | None
+    extra: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.states)
@@ -503,6 +556,7 @@ class LeRobotDataset:
         image_key: the camera read into :attr:`Episode.frames`.
         image_size: (W, H) of its frames [px].
         tasks: the task texts by task index.
+        recording: info.json's ``recording`` (how the data was made), None when absent.
         episode_lengths: frames per episode, in episodes.jsonl order.
 
     Raises:
@@ -549,6 +603,7 @@ class LeRobotDataset:
         dims = dict(zip(names, shape, strict=False))
         self.image_size = (int(dims.get("width", shape[1])), int(dims.get("height", shape[0])))
         self.info = info
+        self.recording = info.get("recording")
         self.fps = float(fps)
         self.image_key = image_key
         self.state_names = _feature_names(features[STATE_KEY], STATE_KEY, info_path)
@@ -582,6 +637,12 @@ class LeRobotDataset:
     @property
     def num_frames(self) -> int:
         return sum(self.episode_lengths)
+
+    def episode_extra(self, index: int) -> dict:
+        """Episode ``index``'s further keys in episodes.jsonl (as :attr:`Episode.extra`), without reading its data."""
+        if index not in self._episodes:
+            raise KeyError(f"episode {index} is not in {self.root / EPISODES_FILE} ({self.num_episodes} episodes)")
+        return {k: v for k, v in self._episodes[index].items() if k not in _EPISODE_KEYS}
 
     def data_path(self, index: int) -> Path:
         """The parquet file of episode ``index``."""
@@ -643,6 +704,7 @@ class LeRobotDataset:
             actions=actions,
             timestamps=timestamps,
             success=None if success is None else bool(success),
+            extra=self.episode_extra(index),
         )
 
     def __len__(self) -> int:

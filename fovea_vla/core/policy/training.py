@@ -33,7 +33,8 @@ the cache after replacing either in place.
 
 Training: L1 (or MSE) between :meth:`ActionHead.forward_normalized` and :meth:`ActionHead.targets`
 in normalised units; normalisation statistics from the training episodes only; AdamW with linear
-warmup and cosine decay per step; episodes (not frames) are held out for validation. Each epoch
+warmup and cosine decay per step; episodes (not frames) are held out for validation, whole layouts
+where episodes.jsonl names them (``layout``: record-sim's several instructions per scene). Each epoch
 writes ``train_state.pt`` (model, optimiser, scheduler, epoch, RNG, history); batches are drawn
 from a generator seeded with (seed, epoch), so a resumed run repeats an uninterrupted one exactly
 on the CPU (CUDA kernels are not bit-reproducible).
@@ -452,13 +453,31 @@ def _chunks(actions: np.ndarray, chunk_size: int) -> np.ndarray:
     return actions[np.minimum(t[:, None] + np.arange(chunk_size), len(actions) - 1)]
 
 
-def _split_episodes(indices: tuple[int, ...], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    count = len(indices)
+def _split_episodes(
+    indices: tuple[int, ...], val_fraction: float, seed: int, layouts: Mapping[int, object] | None = None
+) -> tuple[list[int], list[int]]:
+    """(train, val) episode indices; episodes of one layout stay on one side.
+
+    ``layouts`` maps an episode to its scene (``layout`` in episodes.jsonl); episodes without one are
+    their own group. Holding out whole layouts keeps a scene seen in training (with another
+    instruction) out of validation, which would otherwise flatter the validation loss. Without
+    layouts the split is the plain per-episode one.
+
+    >>> _split_episodes((0, 1, 2, 3), 0.5, 0, {0: 7, 1: 7, 2: 8, 3: 8})[1] in ([0, 1], [2, 3])
+    True
+    """
+    layouts = layouts or {}
+    groups: dict[object, list[int]] = {}
+    for index in indices:
+        key = ("layout", json.dumps(layouts[index])) if index in layouts else ("episode", index)
+        groups.setdefault(key, []).append(index)
+    members = list(groups.values())
+    count = len(members)
     n_val = 0
     if val_fraction > 0 and count >= 2:
         n_val = min(count - 1, max(1, round(val_fraction * count)))
     order = np.random.default_rng(seed).permutation(count)
-    val = sorted(indices[i] for i in order[:n_val])
+    val = sorted(index for i in order[:n_val] for index in members[i])
     return [i for i in indices if i not in val], val
 
 
@@ -473,7 +492,12 @@ class _Data:
                 f"the token cache {tokens.folder} was extracted from other episodes than {dataset.root} holds"
             )
         self.tokens = tokens
-        train_ids, val_ids = _split_episodes(dataset.episode_indices, cfg.val_fraction, cfg.seed)
+        layouts = {
+            index: extra["layout"]
+            for index in dataset.episode_indices
+            if "layout" in (extra := dataset.episode_extra(index))
+        }
+        train_ids, val_ids = _split_episodes(dataset.episode_indices, cfg.val_fraction, cfg.seed, layouts)
         self.tasks: list[str] = []
         episodes = {}
         for index in dataset.episode_indices:

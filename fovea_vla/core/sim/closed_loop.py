@@ -67,6 +67,8 @@ def run_episode(
     max_steps: int | None = None,
     record: bool = False,
     overlay: Callable[[np.ndarray, object], np.ndarray] | None = None,
+    goal: tuple[str, str] | None = None,
+    on_step: Callable[[object, np.ndarray, np.ndarray], None] | None = None,
 ) -> EpisodeReport:
     """Run one episode of ``env`` (a :class:`fovea_vla.core.sim.tabletop.TabletopEnv`) under the policy.
 
@@ -82,11 +84,15 @@ def run_episode(
         max_steps: step limit (default: the env's).
         record: keep the frames (with ``overlay`` applied when given) for a video.
         overlay: ``overlay(rgb, pipeline_output) -> rgb`` for recorded frames.
+        goal: (block colour, square colour) instead of the seed's own (see ``env.reset``).
+        on_step: called at every step before the simulator moves, with the observation, the
+            (S,) state and the (A,) command about to be sent; e.g. to label the states the policy
+            visits with the expert's actions (DAgger).
 
     Returns:
         The :class:`EpisodeReport`.
     """
-    observation = env.reset(seed)
+    observation = env.reset(seed, goal=goal)
     pipeline.reset()
     executor = ChunkExecutor(executor_cfg or ExecutorConfig(), limits)
     step_s = 1.0 / env.cfg.control_hz
@@ -113,6 +119,8 @@ def run_episode(
         report.step_ms.append((time.perf_counter() - start) * 1e3)
         if record:
             report.frames.append(overlay(observation.rgb, output) if overlay else observation.rgb)
+        if on_step is not None:
+            on_step(observation, state, command.position)
         observation = env.step(command.position)
         state = env.state()
         report.steps += 1

@@ -6,7 +6,9 @@ at a table whose top is the plane z = 0. In front of it lie 2-4 cubes of distinc
 instruction names one block and one square; success is that block's centre inside that square (xy)
 with the block resting on the table. Layout, colours and the chosen block and square all follow
 from the seed given to :meth:`TabletopEnv.reset`, and a reset is bit-identical for a seed (images
-included).
+included). ``reset(seed, goal=(block, square))`` asks for another goal in the same scene, one of
+:func:`feasible_goals`; :func:`layout_goals` draws several per layout, so demonstrations can show one
+image with different instructions and actions (``fovea-vla record-sim --instructions-per-layout``).
 
 Frames and conventions:
 
@@ -44,6 +46,7 @@ PyBullet is imported when an environment is built, so this module imports withou
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -62,6 +65,8 @@ __all__ = [
     "TabletopConfig",
     "TabletopEnv",
     "Task",
+    "feasible_goals",
+    "layout_goals",
     "matrix_to_rpy",
     "rpy_to_matrix",
 ]
@@ -209,6 +214,11 @@ class TabletopConfig:
         max_joint_speed: arm joint speed limit [rad/s] of the position controller, in (0, 2.6].
         block_mass: cube mass [kg], in (0, 2].
         friction: lateral friction coefficient of the table and the blocks, in (0, 2].
+        start_offset: (x, y, z) half-extents [m], each in [0, 0.2], of a uniform random offset of the
+            tool's start position from the home pose (drawn from the seed alone, so every goal of a
+            layout starts alike; the arm is placed there by IK, pointing down). (0, 0, 0): the arm
+            starts at :data:`HOME_JOINTS`. A fixed start lets a cloned policy read where it is
+            heading from how far it has come, instead of from the instruction.
         render: render the camera image at every observation. When false, ``Observation.rgb`` is
             an empty (0, 0, 3) array and a step costs only the physics (scripted evaluation:
             rendering does not affect the simulation).
@@ -232,6 +242,7 @@ class TabletopConfig:
     max_joint_speed: float = 1.5
     block_mass: float = 0.1
     friction: float = 0.5
+    start_offset: tuple[float, float, float] = (0.0, 0.0, 0.0)
     render: bool = True
 
     def __post_init__(self):
@@ -283,8 +294,11 @@ class TabletopConfig:
             ("workspace_high", 3),
             ("camera_eye", 3),
             ("camera_target", 3),
+            ("start_offset", 3),
         ):
             object.__setattr__(self, name, _check_vector(name, getattr(self, name), length))
+        if not all(0.0 <= v <= 0.2 for v in self.start_offset):
+            raise ValueError(f"sim.start_offset={self.start_offset!r}: each half-extent must be in [0, 0.2] m")
         for low_name, high_name in (("layout_low", "layout_high"), ("workspace_low", "workspace_high")):
             low, high = getattr(self, low_name), getattr(self, high_name)
             if not all(a < b for a, b in zip(low, high, strict=True)):
@@ -447,6 +461,107 @@ def _segment_distance(point: np.ndarray, start: np.ndarray, end: np.ndarray) -> 
     return float(np.linalg.norm(point - (start + t * direction)))
 
 
+def _goal_feasible(
+    cfg: TabletopConfig, block_xy: np.ndarray, square_xy: np.ndarray, block_index: int, square_index: int
+) -> bool:
+    """Whether pushing block ``block_index`` straight onto square ``square_index`` is a fair task.
+
+    The block starts at least ``min_push_distance`` from the square's centre, the pre-push point
+    behind it lies in the workspace, and the straight corridor from there to the square's centre is
+    free of the other blocks.
+    """
+    block_radius = cfg.block_size / math.sqrt(2.0)  # circumscribed, any yaw
+    pusher_clearance = 0.045  # half width of the closed fingers plus a margin [m]
+    goal, chosen = square_xy[square_index], block_xy[block_index]
+    distance = float(np.linalg.norm(goal - chosen))
+    if distance < cfg.min_push_distance:
+        return False
+    direction = (goal - chosen) / distance
+    start = chosen - direction * (cfg.block_size / 2 + 0.06)
+    if not np.all((start >= np.array(cfg.workspace_low[:2])) & (start <= np.array(cfg.workspace_high[:2]))):
+        return False
+    return all(
+        _segment_distance(xy, start, goal) >= block_radius + pusher_clearance
+        for i, xy in enumerate(block_xy)
+        if i != block_index
+    )
+
+
+def feasible_goals(cfg: TabletopConfig, seed: int) -> tuple[tuple[str, str], ...]:
+    """Every (block colour, square colour) goal that is a fair task in the layout of ``seed``.
+
+    The seed's own goal comes first; the others follow in block, then square order. Each satisfies
+    the constraints the seed's goal was drawn under (distance, free push corridor, reachable
+    pre-push point), so the scripted expert handles them alike. No simulation runs.
+
+    Args:
+        cfg: the environment's configuration (layout area, sizes).
+        seed: non-negative reset seed.
+
+    Returns:
+        At least one (block colour, square colour) pair.
+
+    >>> feasible_goals(TabletopConfig(), 0)
+    (('purple', 'blue'), ('red', 'blue'), ('orange', 'blue'))
+    """
+    layout = _sample_layout(cfg, np.random.default_rng(_checked_seed(seed)))
+    own = (layout.block_colours[layout.block_index], layout.square_colours[layout.square_index])
+    others = [
+        (block, square)
+        for b, block in enumerate(layout.block_colours)
+        for s, square in enumerate(layout.square_colours)
+        if (block, square) != own and _goal_feasible(cfg, layout.block_xy, layout.square_xy, b, s)
+    ]
+    return (own, *others)
+
+
+def layout_goals(cfg: TabletopConfig, seed: int, count: int) -> tuple[tuple[str, str], ...]:
+    """Up to ``count`` distinct goals for the layout of ``seed``: its own, then others drawn at random.
+
+    Deterministic for (cfg, seed, count): the other feasible goals (:func:`feasible_goals`) are
+    shuffled by a generator seeded with ``(seed, 1)``, independent of the layout's own generator.
+    Fewer than ``count`` come back when the layout has fewer feasible goals.
+
+    Args:
+        cfg: the environment's configuration.
+        seed: non-negative reset seed.
+        count: goals wanted, >= 1.
+
+    Returns:
+        Between 1 and ``count`` (block colour, square colour) pairs, the seed's own first.
+    """
+    if not is_int(count) or count < 1:
+        raise ValueError(f"count={count!r}: must be an integer >= 1")
+    own, *others = feasible_goals(cfg, seed)
+    order = np.random.default_rng((_checked_seed(seed), 1)).permutation(len(others))
+    return (own, *(others[i] for i in order[: count - 1]))
+
+
+def _with_goal(cfg: TabletopConfig, layout: _Layout, goal, seed: int) -> _Layout:
+    """``layout`` with its block and square choice replaced by ``goal`` (checked)."""
+    if not (isinstance(goal, tuple | list) and len(goal) == 2 and all(isinstance(g, str) for g in goal)):
+        raise ValueError(f"goal={goal!r}: must be a (block colour, square colour) pair")
+    block, square = goal
+    if block not in layout.block_colours or square not in layout.square_colours:
+        raise ValueError(
+            f"goal={tuple(goal)!r}: seed {seed} has blocks {list(layout.block_colours)} and squares "
+            f"{list(layout.square_colours)}"
+        )
+    block_index, square_index = layout.block_colours.index(block), layout.square_colours.index(square)
+    if not _goal_feasible(cfg, layout.block_xy, layout.square_xy, block_index, square_index):
+        raise ValueError(
+            f"goal={tuple(goal)!r}: not a fair task in the layout of seed {seed} (too close, blocked or "
+            f"unreachable); feasible: {list(feasible_goals(cfg, seed))}"
+        )
+    return dataclasses.replace(layout, block_index=block_index, square_index=square_index)
+
+
+def _checked_seed(seed) -> int:
+    if not is_int(seed) or seed < 0:
+        raise ValueError(f"seed={seed!r}: must be a non-negative integer")
+    return int(seed)
+
+
 def _sample_layout(cfg: TabletopConfig, rng: np.random.Generator) -> _Layout:
     """Draw colours, positions and the goal. Rejection sampling; deterministic for a generator state.
 
@@ -458,7 +573,6 @@ def _sample_layout(cfg: TabletopConfig, rng: np.random.Generator) -> _Layout:
     low, high = np.array(cfg.layout_low), np.array(cfg.layout_high)
     half_square = cfg.square_size / 2
     block_radius = cfg.block_size / math.sqrt(2.0)  # circumscribed, any yaw
-    pusher_clearance = 0.045  # half width of the closed fingers plus a margin [m]
     # The discrete choices are drawn once, so rejections do not bias them (e.g. towards fewer blocks).
     num = int(rng.integers(cfg.num_blocks[0], cfg.num_blocks[1] + 1))
     block_colours = tuple(str(c) for c in rng.permutation(list(BLOCK_COLOURS))[:num])
@@ -490,18 +604,7 @@ def _sample_layout(cfg: TabletopConfig, rng: np.random.Generator) -> _Layout:
                 break
             else:
                 break
-        if len(blocks) < num:
-            continue
-        chosen = blocks[block_index]
-        direction = (goal - chosen) / np.linalg.norm(goal - chosen)
-        start = chosen - direction * (cfg.block_size / 2 + 0.06)
-        if any(
-            _segment_distance(xy, start, goal) < block_radius + pusher_clearance
-            for i, xy in enumerate(blocks)
-            if i != block_index
-        ):
-            continue
-        if not np.all((start >= np.array(cfg.workspace_low[:2])) & (start <= np.array(cfg.workspace_high[:2]))):
+        if len(blocks) < num or not _goal_feasible(cfg, np.array(blocks), square_xy, block_index, square_index):
             continue
         yaws = rng.uniform(-math.pi / 4, math.pi / 4, num)
         return _Layout(block_colours, np.array(blocks), yaws, square_colours, square_xy, block_index, square_index)
@@ -563,19 +666,26 @@ class TabletopEnv:
         """Intrinsics and pose of the fixed camera (constant for the environment's lifetime)."""
         return self._camera
 
-    def reset(self, seed: int) -> Observation:
-        """Rebuild the scene from scratch for a seed; bit-identical for the same seed and config.
+    def reset(self, seed: int, *, goal: tuple[str, str] | None = None) -> Observation:
+        """Rebuild the scene from scratch for a seed; bit-identical for the same seed, goal and config.
 
         Args:
             seed: non-negative integer selecting layout, colours, block and square.
+            goal: (block colour, square colour) to ask for instead of the seed's own goal, in the
+                same scene (layout and colours still follow the seed); one of
+                :func:`feasible_goals` for the seed. None: the seed's goal.
 
         Returns:
             The first observation (arm at :data:`HOME_JOINTS`, gripper open, step 0).
+
+        Raises:
+            ValueError: a bad seed, or a goal that names a colour missing from the scene or is
+                not a fair task in it (named).
         """
-        if not is_int(seed) or seed < 0:
-            raise ValueError(f"seed={seed!r}: must be a non-negative integer")
         p, c, cfg = self._p, self._client, self.cfg
-        layout = _sample_layout(cfg, np.random.default_rng(int(seed)))
+        layout = _sample_layout(cfg, np.random.default_rng(_checked_seed(seed)))
+        if goal is not None:
+            layout = _with_goal(cfg, layout, goal, seed)
 
         p.resetSimulation(physicsClientId=c)
         p.setPhysicsEngineParameter(
@@ -641,7 +751,10 @@ class TabletopEnv:
             block_ids.append(body)
         self._block_ids = tuple(block_ids)
 
-        self._command_joints(np.array(HOME_JOINTS), 0.0)
+        start = self._start_joints(seed)
+        for joint, angle in zip(_ARM_JOINTS, start, strict=True):
+            p.resetJointState(self._robot, joint, angle, physicsClientId=c)
+        self._command_joints(start, 0.0)
         for _ in range(_SETTLE_STEPS):
             p.stepSimulation(physicsClientId=c)
 
@@ -693,20 +806,7 @@ class TabletopEnv:
         gripper = float(np.clip(target[6], 0.0, 1.0))
         orientation = _matrix_to_quaternion(rpy_to_matrix(target[3:6]) @ _RX_PI)
         p, c = self._p, self._client
-        joints = p.calculateInverseKinematics(
-            self._robot,
-            _EE_LINK,
-            position.tolist(),
-            orientation,
-            lowerLimits=self._lower,
-            upperLimits=self._upper,
-            jointRanges=[u - lo for lo, u in zip(self._lower, self._upper, strict=True)],
-            restPoses=self._rest,
-            maxNumIterations=100,
-            residualThreshold=1e-5,
-            physicsClientId=c,
-        )
-        self._command_joints(np.clip(joints[:7], self._lower[:7], self._upper[:7]), gripper)
+        self._command_joints(self._inverse_kinematics(position, orientation), gripper)
         for _ in range(self.cfg.substeps):
             p.stepSimulation(physicsClientId=c)
         self._step += 1
@@ -808,6 +908,41 @@ class TabletopEnv:
             near=0.05,
             far=5.0,
         )
+
+    def _inverse_kinematics(self, position: np.ndarray, orientation) -> np.ndarray:
+        """(7,) arm joint angles [rad] putting the grasp target at ``position`` with ``orientation``
+        (a panda_grasptarget quaternion), from the current joints, within the joint limits."""
+        joints = self._p.calculateInverseKinematics(
+            self._robot,
+            _EE_LINK,
+            np.asarray(position, np.float64).tolist(),
+            orientation,
+            lowerLimits=self._lower,
+            upperLimits=self._upper,
+            jointRanges=[u - lo for lo, u in zip(self._lower, self._upper, strict=True)],
+            restPoses=self._rest,
+            maxNumIterations=100,
+            residualThreshold=1e-5,
+            physicsClientId=self._client,
+        )
+        return np.clip(joints[:7], self._lower[:7], self._upper[:7])
+
+    def _start_joints(self, seed: int) -> np.ndarray:
+        """(7,) arm joints [rad] at the start: home, or home's tool position moved by the seed's
+        ``start_offset`` draw (the arm must already be at :data:`HOME_JOINTS`)."""
+        if not any(self.cfg.start_offset):
+            return np.array(HOME_JOINTS)
+        p, c = self._p, self._client
+        extent = np.array(self.cfg.start_offset)
+        # Its own generator: the layout's draws (and so every earlier recording) stay as they were.
+        target = self._ee_pose()[:3] + np.random.default_rng((int(seed), 3)).uniform(-extent, extent)
+        target = np.clip(target, self._low, self._high)
+        down = _matrix_to_quaternion(_RX_PI)
+        for _ in range(3):  # IK from the joints it last set: each pass starts nearer the solution
+            joints = self._inverse_kinematics(target, down)
+            for joint, angle in zip(_ARM_JOINTS, joints, strict=True):
+                p.resetJointState(self._robot, joint, angle, physicsClientId=c)
+        return joints
 
     def _command_joints(self, arm: np.ndarray, gripper: float) -> None:
         p, c = self._p, self._client
