@@ -40,9 +40,15 @@ class Outputs:
         self.stats: list[PipelineStats] = []
         self.markers: list[MarkerArray] = []
         node = probe.node
-        node.create_subscription(Fixation, f"/{namespace}/fixation", self.fixations.append, qos.outputs(100))
-        node.create_subscription(PipelineStats, f"/{namespace}/stats", self.stats.append, qos.outputs(100))
-        node.create_subscription(MarkerArray, f"/{namespace}/markers", self.markers.append, qos.outputs(100))
+        self.subscriptions = (
+            node.create_subscription(Fixation, f"/{namespace}/fixation", self.fixations.append, qos.outputs(100)),
+            node.create_subscription(PipelineStats, f"/{namespace}/stats", self.stats.append, qos.outputs(100)),
+            node.create_subscription(MarkerArray, f"/{namespace}/markers", self.markers.append, qos.outputs(100)),
+        )
+
+    def matched(self) -> bool:
+        """Every output topic is matched with the node's publisher: messages sent before would be lost."""
+        return all(subscription.get_publisher_count() > 0 for subscription in self.subscriptions)
 
     def stats_for(self, stamp_ns: int) -> PipelineStats | None:
         return next((s for s in self.stats if stamp_to_ns(s.header.stamp) == stamp_ns), None)
@@ -63,6 +69,9 @@ def start_fovea_node(probe, namespace, params, message_type, topic, log_dir):
     outputs = Outputs(probe, namespace)
     publisher = probe.node.create_publisher(message_type, f"/{namespace}/{topic}", qos.sensor("reliable", 20))
     probe.wait_for(lambda: publisher.get_subscription_count() > 0, STARTUP_S, f"fovea_node on {topic}", processes)
+    # Discovery is not symmetric: the node may see the camera publisher before the probe sees its outputs,
+    # and the first stats / fixation of a test would then go nowhere (a 20 s timeout in a loaded CI run).
+    probe.wait_for(outputs.matched, STARTUP_S, "fovea_node's outputs", processes)
     return processes, publisher, outputs
 
 
