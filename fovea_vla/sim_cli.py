@@ -42,6 +42,15 @@ def parse_offset(text: str) -> tuple[float, float, float]:
     return values
 
 
+# observation.environment_state of record-sim: where the instructed block and square are (an auxiliary
+# training target that makes the head say which objects the instruction names; never a policy input).
+ENVIRONMENT_NAMES = ("block_x", "block_y", "square_x", "square_y")
+
+
+def _environment_state(privileged: dict) -> np.ndarray:
+    return np.concatenate([privileged["target_block_position"][:2], privileged["target_square_centre"]])
+
+
 def _expert_episode(env, seed: int, index: int, goal, action_noise: float) -> tuple[list, bool]:
     """The scripted expert acts (its commands perturbed by ``action_noise`` when > 0) and labels."""
     from fovea_vla.core.sim.expert import ActionNoise, PushExpert
@@ -51,8 +60,10 @@ def _expert_episode(env, seed: int, index: int, goal, action_noise: float) -> tu
     noise = ActionNoise(action_noise, env.cfg.control_hz, (seed, index, 2))
     frames = []
     for _ in range(env.cfg.max_steps):
-        action = expert.act(observation, env.privileged())
-        frames.append((observation.rgb, env.state(), action))  # the label is the clean command
+        privileged = env.privileged()
+        action = expert.act(observation, privileged)
+        # The label is the clean command.
+        frames.append((observation.rgb, env.state(), action, _environment_state(privileged)))
         observation = env.step(noise(action))
         if env.success():
             break
@@ -74,7 +85,8 @@ def _policy_labeller(args):
             nonlocal expert
             if expert is None:  # run_episode resets the env: the task is known from the first step on
                 expert = PushExpert(env.task)
-            frames.append((observation.rgb, state, expert.act(observation, env.privileged())))
+            privileged = env.privileged()
+            frames.append((observation.rgb, state, expert.act(observation, privileged), _environment_state(privileged)))
 
         report = run_episode(env, seed, pipeline, runner, spec, text, **settings, goal=goal, on_step=label)
         return frames, report.success
@@ -82,17 +94,60 @@ def _policy_labeller(args):
     return episode
 
 
+class _Recorder:
+    """One process's simulator (and policy, for DAgger): records the episode of a (seed, index, goal) job."""
+
+    def __init__(self, args):
+        self.args = args
+        self.env = _env(args, args.start_offset)
+        self.policy_episode = _policy_labeller(args) if args.policy else None
+
+    def __call__(self, job) -> tuple[list, bool, str]:
+        seed, index, goal = job
+        if self.policy_episode is not None:
+            frames, success = self.policy_episode(self.env, seed, goal)
+        else:
+            frames, success = _expert_episode(self.env, seed, index, goal, self.args.action_noise)
+        return frames, success, self.env.instruction
+
+
+_worker_recorder: _Recorder | None = None
+
+
+def _start_worker(args) -> None:
+    global _worker_recorder
+    import torch
+
+    torch.set_num_threads(1)  # one core per worker
+    _worker_recorder = _Recorder(args)
+
+
+def _record_in_worker(job) -> tuple[list, bool, str]:
+    return _worker_recorder(job)
+
+
 def _cmd_record(args) -> int:
+    import multiprocessing
+
     from fovea_vla.core.policy.dataset import LeRobotWriter
-    from fovea_vla.core.sim.tabletop import layout_goals
+    from fovea_vla.core.sim.tabletop import TabletopConfig, layout_goals
 
     if args.instructions_per_layout < 1:
         raise SystemExit(f"record-sim: --instructions-per-layout={args.instructions_per_layout}: must be >= 1")
+    if args.workers < 1:
+        raise SystemExit(f"record-sim: --workers={args.workers}: must be >= 1")
     try:
-        env = _env(args, args.start_offset)
+        width, height = args.image_size
+        cfg = TabletopConfig(
+            image_width=width, image_height=height, max_steps=args.max_steps, start_offset=args.start_offset
+        )
     except ValueError as exc:
-        raise SystemExit(f"record-sim: --start-offset: {exc}") from exc
-    policy_episode = _policy_labeller(args) if args.policy else None
+        raise SystemExit(f"record-sim: {exc}") from exc
+    jobs = [
+        (seed, index, goal)
+        for seed in range(args.seed, args.seed + args.episodes)
+        for index, goal in enumerate(layout_goals(cfg, seed, args.instructions_per_layout))
+    ]
     successes = attempts = 0
     start = time.perf_counter()
     names = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
@@ -110,33 +165,42 @@ def _cmd_record(args) -> int:
         "config": args.config if args.policy else None,
     }
     actor = "policy" if args.policy else "expert"
-    with LeRobotWriter(
-        args.out,
-        fps=env.cfg.control_hz,
-        state_names=names,
-        action_names=names,
-        image_size=args.image_size,
-        recording=recording,
-        append=args.append,
-    ) as writer:
-        for seed in range(args.seed, args.seed + args.episodes):
-            for index, goal in enumerate(layout_goals(env.cfg, seed, args.instructions_per_layout)):
-                if policy_episode is not None:
-                    frames, success = policy_episode(env, seed, goal)
-                else:
-                    frames, success = _expert_episode(env, seed, index, goal, args.action_noise)
+    if args.workers == 1:
+        pool, recorder = None, _Recorder(args)
+        episodes = map(recorder, jobs)
+    else:
+        # Episodes are simulated in parallel and written here in job order: the dataset does not
+        # depend on the number of workers.
+        pool = multiprocessing.get_context("spawn").Pool(args.workers, _start_worker, (args,))
+        episodes = pool.imap(_record_in_worker, jobs)
+    try:
+        with LeRobotWriter(
+            args.out,
+            fps=cfg.control_hz,
+            state_names=names,
+            action_names=names,
+            image_size=args.image_size,
+            environment_names=ENVIRONMENT_NAMES,
+            recording=recording,
+            append=args.append,
+        ) as writer:
+            for (seed, _, _), (frames, success, instruction) in zip(jobs, episodes, strict=True):
                 successes += success
                 attempts += 1
-                if success or args.keep_failures or policy_episode is not None:
-                    for rgb, state, action in frames:
-                        writer.add_frame(rgb, state, action)
-                    writer.end_episode(env.instruction, success=success, extra={"layout": seed, "actor": actor})
+                if success or args.keep_failures or args.policy:
+                    for rgb, state, action, environment in frames:
+                        writer.add_frame(rgb, state, action, environment)
+                    writer.end_episode(instruction, success=success, extra={"layout": seed, "actor": actor})
                 print(
                     f"seed {seed}: {actor} {'success' if success else 'failure'} in {len(frames)} steps "
-                    f"({env.instruction})",
+                    f"({instruction})",
                     flush=True,
                 )
-    env.close()
+    finally:
+        if pool is not None:
+            pool.terminate()
+        else:
+            recorder.env.close()
     print(f"{actor}: {successes}/{attempts} successes; wrote {args.out} in {time.perf_counter() - start:.0f} s")
     return 0
 
@@ -340,6 +404,12 @@ def add_sim_parsers(sub) -> None:
         "--append", action="store_true", help="add the episodes to the dataset at --out (e.g. a DAgger round)"
     )
     record.add_argument("--keep-failures", action="store_true", help="also record the expert's failed episodes")
+    record.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes simulating episodes in parallel (one core each); the dataset is the same for any number",
+    )
     record.set_defaults(func=_cmd_record)
 
     evaluate = sub.add_parser(

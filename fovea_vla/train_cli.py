@@ -42,7 +42,7 @@ def _command_line(args) -> str:
 
 def cmd_train(args) -> int:
     from fovea_vla.core.policy.dataset import DatasetError, LeRobotDataset
-    from fovea_vla.core.policy.text import SentenceEncoder
+    from fovea_vla.core.policy.text import TextEncoderConfig, load_text_encoder
     from fovea_vla.core.policy.training import TrainConfig, extract_tokens, train
 
     try:
@@ -60,9 +60,11 @@ def cmd_train(args) -> int:
             val_fraction=args.val_fraction,
             seed=args.seed,
             device=args.device,
+            aux_weight=args.aux_weight,
         )
         pipeline_cfg = pipeline_config_from_files(args.config)
         dataset = LeRobotDataset(args.data)
+        text_encoder = load_text_encoder(TextEncoderConfig(path=args.text_encoder))
     except (ValueError, DatasetError) as exc:
         print(f"[train] error: {exc}", file=sys.stderr)
         return 2
@@ -81,19 +83,20 @@ def cmd_train(args) -> int:
 
     def epoch_done(stats) -> None:
         val = "-" if stats.val_loss is None else f"{stats.val_loss:.4f}"
+        aux = "" if stats.val_aux_error is None else f" val aux error {stats.val_aux_error:.4g}"
         print(
-            f"[train] epoch {stats.epoch}/{stats.epochs}: train {stats.train_loss:.4f} val {val} "
+            f"[train] epoch {stats.epoch}/{stats.epochs}: train {stats.train_loss:.4f} val {val}{aux} "
             f"lr {stats.lr:.2e} ({stats.seconds:.1f} s)",
             flush=True,
         )
 
     try:
-        tokens = extract_tokens(dataset, pipeline_cfg, cache, progress=extracted)
+        tokens = extract_tokens(dataset, pipeline_cfg, cache, progress=extracted, workers=args.workers)
         print(f"[train] token cache {tokens.folder}", flush=True)
         result = train(
             dataset,
             tokens,
-            SentenceEncoder(),
+            text_encoder,
             cfg,
             out,
             {
@@ -150,6 +153,20 @@ def add_train_parser(sub) -> None:
     )
     train.add_argument(
         "--instruction-latents", action="store_true", help="condition the latents' queries on the instruction"
+    )
+    train.add_argument(
+        "--aux-weight",
+        type=float,
+        default=defaults.aux_weight,
+        help="weight of an auxiliary target: the head also predicts the dataset's observation.environment_state "
+        "(record-sim: where the named block and square are); 0: none",
+    )
+    train.add_argument("--workers", type=int, default=1, help="processes extracting tokens in parallel (one core each)")
+    train.add_argument(
+        "--text-encoder",
+        default="",
+        help="instruction embeddings: a sentence-transformers folder, an embedding table (.json, written by "
+        "fovea_vla.core.policy.text.write_embedding_table) holding every task, or '' for the bundled all-MiniLM-L6-v2",
     )
     train.add_argument("--val-fraction", type=float, default=defaults.val_fraction, help="episodes held out")
     train.add_argument("--seed", type=int, default=defaults.seed)

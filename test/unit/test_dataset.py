@@ -103,7 +103,7 @@ def test_meta_files_follow_lerobot_v21(recorded):
     image = features[IMAGE_KEY]
     assert image["dtype"] == "video" and image["shape"] == [48, 64, 3]
     assert image["names"] == ["height", "width", "channel"]
-    assert image["info"]["video.fps"] == 10.0 and image["info"]["video.codec"] == "mpeg4"
+    assert image["info"]["video.fps"] == 10.0 and image["info"]["video.codec"] == "h264"
     for key in ("observation.state", "action"):
         assert features[key] == {"dtype": "float32", "shape": [7], "names": list(NAMES)}
     for key, dtype in (("timestamp", "float32"), ("frame_index", "int64"), ("index", "int64")):
@@ -276,3 +276,42 @@ def test_append_continues_indices_tasks_and_recording(recorded, tmp_path):
     assert [s["episode_index"] for s in stats] == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match=r"append: .* has"):
         LeRobotWriter(root, **(kwargs | {"fps": 20}), append=True)
+
+
+def test_environment_state_round_trips_and_is_checked(tmp_path):
+    """observation.environment_state (LeRobot's key) is written when the writer names its values, read back
+    per frame, described in info.json and episodes_stats; it must come with every frame or with none."""
+    environment_names = ("block_x", "block_y", "square_x", "square_y")
+    kwargs = dict(fps=10, state_names=NAMES, action_names=NAMES, image_size=SIZE)
+    rng = np.random.default_rng(4)
+    written = rng.normal(size=(5, 4))
+    with LeRobotWriter(tmp_path / "env", **kwargs, environment_names=environment_names) as writer:
+        for t, environment in enumerate(written):
+            writer.add_frame(make_frame(t, 0, rng), np.zeros(7), np.zeros(7), environment)
+        with pytest.raises(ValueError, match="environment_state=None"):
+            writer.add_frame(make_frame(5, 0, rng), np.zeros(7), np.zeros(7))
+        with pytest.raises(ValueError, match="environment_state must have 4 values"):
+            writer.add_frame(make_frame(5, 0, rng), np.zeros(7), np.zeros(7), np.zeros(3))
+        writer.end_episode(TASKS[0])
+    dataset = LeRobotDataset(tmp_path / "env")
+    assert dataset.environment_names == environment_names
+    np.testing.assert_array_equal(dataset.episode(0).environment_states, written.astype(np.float32))
+    feature = dataset.info["features"]["observation.environment_state"]
+    assert feature == {"dtype": "float32", "shape": [4], "names": list(environment_names)}
+    stats = json.loads((tmp_path / "env/meta/episodes_stats.jsonl").read_text())["stats"]
+    np.testing.assert_allclose(stats["observation.environment_state"]["mean"], written.mean(0), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"append: .* has"):
+        LeRobotWriter(tmp_path / "env", **kwargs, append=True)
+    with LeRobotWriter(tmp_path / "plain", **kwargs) as writer, pytest.raises(ValueError, match="environment_state="):
+        writer.add_frame(make_frame(0, 0, rng), np.zeros(7), np.zeros(7), np.zeros(4))
+
+
+def test_videos_are_h264_and_close_to_the_frames(recorded):
+    """The writer's H.264 (crf 23) decodes within a few grey levels of what was recorded."""
+    import av
+
+    dataset = LeRobotDataset(recorded[0])
+    with av.open(str(dataset.video_path(1))) as container:
+        assert container.streams.video[0].codec_context.name == "h264"
+    decoded = np.stack(list(dataset.episode(1).frames)).astype(np.float64)
+    assert np.abs(decoded - np.stack(recorded[1][1][0])).mean() < 3.0

@@ -113,10 +113,34 @@ def test_instruction_latents_condition_the_resampler_and_round_trip(tmp_path):
     torch.testing.assert_close(loaded(*batch), actions, rtol=0, atol=0)
 
 
-def test_checkpoints_without_instruction_latents_still_load():
+def test_checkpoints_without_instruction_latents_or_aux_still_load():
     values = HEAD.to_dict()
-    del values["instruction_latents"]
+    del values["instruction_latents"], values["aux_dim"]
     assert ActionHeadConfig.from_dict(values) == HEAD
+
+
+def test_auxiliary_output_round_trips_and_keeps_float32_statistics(tmp_path):
+    """aux_dim adds one query position read out through aux_out; its normalisation travels in the checkpoint
+    and stays float32 in a half-precision head."""
+    fields = {**HEAD.to_dict(), "delta_state_indices": HEAD.delta_state_indices}
+    head = ActionHeadConfig(**{**fields, "aux_dim": 4})
+    model = ActionHead.from_config(head, seed=2).eval()
+    model.set_aux_normalization([0.5, 0.1, 0.4, -0.2], [0.1, 0.2, 0.05, 0.3])
+    batch = inputs(n_tokens=30)
+    actions, aux = model.forward_normalized_with_aux(*batch)
+    assert actions.shape == (1, 6, 8) and aux.shape == (1, 4)
+    torch.testing.assert_close(model.forward_aux(*batch), aux * model.aux_std + model.aux_mean)
+    save_policy(tmp_path / "ckpt", model, make_spec(head))
+    loaded, spec = load_policy(tmp_path / "ckpt")
+    assert spec.head.aux_dim == 4
+    torch.testing.assert_close(loaded.forward_aux(*batch), model.forward_aux(*batch), rtol=0, atol=0)
+    torch.testing.assert_close(loaded(*batch), model(*batch), rtol=0, atol=0)
+    loaded.half_precision(torch.bfloat16)
+    assert loaded.aux_mean.dtype == loaded.aux_std.dtype == torch.float32
+    with pytest.raises(ValueError, match="no auxiliary outputs"):
+        make_model().forward_aux(*batch)
+    with pytest.raises(ValueError, match="no auxiliary outputs"):
+        make_model().set_aux_normalization([0.0], [1.0])
 
 
 def test_targets_invert_forward_for_absolute_and_delta_dims():
@@ -203,6 +227,7 @@ def test_compatibility_checks_name_the_mismatch():
         ({"delta_state_indices": (9,) * 8}, "policy.delta_state_indices"),
         ({"mlp_ratio": -1.0}, "policy.mlp_ratio"),
         ({"instruction_latents": True}, r"policy.instruction_latents=True: must be a bool \(true needs num_latents"),
+        ({"aux_dim": -1}, r"policy.aux_dim=-1: must be an integer in \[0, 1024\]"),
     ],
 )
 def test_config_validation_names_the_field(changes, message):

@@ -408,6 +408,39 @@ def test_record_sim_writes_several_instructions_per_layout(pybullet, tmp_path, c
     assert (
         np.all(labels[:, 3:6] == 0.0) and np.linalg.norm(np.diff(labels[:, :3], axis=0), axis=1).max() <= 0.015 + 1e-6
     )
+    # Every frame records where the named block and square are (an auxiliary training target).
+    assert dataset.environment_names == ("block_x", "block_y", "square_x", "square_y")
+    env = TabletopEnv(TabletopConfig(image_width=64, image_height=48))
+    try:
+        env.reset(1, goal=goals[1])
+        first = env.privileged()
+    finally:
+        env.close()
+    environment = dataset.episode(1).environment_states
+    np.testing.assert_allclose(environment[0, :2], first["target_block_position"][:2], atol=1e-6)
+    assert np.all(environment[:, 2:] == environment[0, 2:])
+    np.testing.assert_allclose(environment[0, 2:], first["target_square_centre"], atol=1e-6)
+    assert np.linalg.norm(environment[-1, :2] - environment[0, :2]) > 0.03  # the block was pushed
+
+
+def test_record_sim_with_workers_writes_the_same_dataset(pybullet, tmp_path, capsys):
+    """Episodes simulated in two processes are written in job order: the same states, actions and tasks."""
+    pytest.importorskip("pyarrow")
+    from fovea_vla.cli import main
+    from fovea_vla.core.policy.dataset import LeRobotDataset
+
+    argv = ["record-sim", "--episodes", "2", "--seed", "4", "--image-size", "64x48", "--instructions-per-layout", "2"]
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    one, two = LeRobotDataset(tmp_path / "one"), LeRobotDataset(tmp_path / "two")
+    assert one.episode_lengths == two.episode_lengths and one.tasks == two.tasks
+    for index in one.episode_indices:
+        a, b = one.episode(index), two.episode(index)
+        np.testing.assert_array_equal(a.states, b.states)
+        np.testing.assert_array_equal(a.actions, b.actions)
+        np.testing.assert_array_equal(a.environment_states, b.environment_states)
+    with pytest.raises(SystemExit, match="workers=0"):
+        main([*argv, "--out", str(tmp_path / "three"), "--workers", "0"])
 
 
 # ------------------------------------------------------------------------------ closed loop (DAgger)

@@ -323,3 +323,77 @@ def test_cli_trains_from_parameter_files(dataset, tmp_path, capsys):
     assert main([*argv, "--device", "cpu"]) == 2
     assert "a training run is there" in capsys.readouterr().err
     assert main([*argv, "--device", "cpu", "--resume"]) == 0
+
+
+def write_task_dataset_with_goal(root) -> None:
+    """The task above, recording where the named square is as observation.environment_state."""
+    rng = np.random.default_rng(1)
+    with LeRobotWriter(
+        root, fps=10, state_names=NAMES, action_names=NAMES, image_size=SIZE, environment_names=("goal_u", "goal_v")
+    ) as writer:
+        for episode in range(EPISODES):
+            positions = {colour: rng.uniform(0.15, 0.85, 2) for colour in COLOURS}
+            target = "red" if episode % 2 == 0 else "blue"
+            goal = positions[target]
+            state = np.array([*rng.uniform(0.1, 0.9, 2), 0.0])
+            for _ in range(FRAMES):
+                action = state.copy()
+                action[:2] += 0.3 * (goal - state[:2])
+                action[2] = float(np.linalg.norm(goal - state[:2]) < 0.1)
+                writer.add_frame(scene(positions, state), state, action, goal)
+                state = action
+            writer.end_episode(f"move to the {target} square", success=True)
+
+
+def test_auxiliary_target_is_fitted_and_stored(tmp_path, text_encoder):
+    """With aux_weight the head also learns the environment state (here: where the named square is); the
+    checkpoint carries the output and its normalisation, and the action path is unchanged in shape."""
+    write_task_dataset_with_goal(tmp_path / "data")
+    dataset = LeRobotDataset(tmp_path / "data")
+    tokens = extract_tokens(dataset, pipeline_config(), tmp_path / "cache")
+    result = train(
+        dataset, tokens, text_encoder, small_config(aux_weight=1.0, val_fraction=0.0), tmp_path / "run", SPEC_FIELDS
+    )
+    model, spec = load_policy(result.policy_dir)
+    assert spec.head.aux_dim == 2 and spec.provenance["aux_names"] == ["goal_u", "goal_v"]
+    errors, baseline = [], []
+    goals = np.concatenate([dataset.episode(i).environment_states for i in dataset.episode_indices])
+    for index in dataset.episode_indices:
+        episode = dataset.episode(index)
+        for t in range(0, FRAMES, 3):
+            frame_tokens, frame_positions = tokens.frame(index, t)
+            args = (
+                torch.from_numpy(frame_tokens)[None].float(),
+                torch.from_numpy(frame_positions)[None],
+                torch.tensor(text_encoder.embed(episode.task))[None],
+                torch.from_numpy(episode.states[t])[None],
+            )
+            with torch.no_grad():
+                aux = model.forward_aux(*args)[0].numpy()
+                assert model(*args).shape == (1, 4, 3)
+            errors.append(np.abs(aux - episode.environment_states[t]).mean())
+            baseline.append(np.abs(goals.mean(0) - episode.environment_states[t]).mean())
+    assert np.mean(errors) < 0.5 * np.mean(baseline)
+
+    plain_root = tmp_path / "plain"
+    write_task_dataset(plain_root)
+    plain = LeRobotDataset(plain_root)
+    plain_tokens = extract_tokens(plain, pipeline_config(), tmp_path / "cache")
+    with pytest.raises(ValueError, match=r"train\.aux_weight=1\.0: .* has no observation\.environment_state"):
+        train(plain, plain_tokens, text_encoder, small_config(aux_weight=1.0), tmp_path / "run2", SPEC_FIELDS)
+
+
+def test_extract_tokens_in_parallel_matches_one_process(dataset, tokens, tmp_path):
+    """Workers each build their own pipeline per episode, as one process does: the same tokens."""
+    parallel = extract_tokens(dataset, pipeline_config(), tmp_path, workers=2)
+    assert parallel.key == tokens.key
+    for index in dataset.episode_indices:
+        a, pa_, oa = tokens.episode(index)
+        b, pb, ob = parallel.episode(index)
+        np.testing.assert_array_equal(oa, ob)
+        np.testing.assert_array_equal(pa_, pb)
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-3, atol=2e-3)
+    with pytest.raises(ValueError, match="workers > 1 needs a PipelineConfig"):
+        extract_tokens(dataset, lambda: FoveaPipeline(pipeline_config()), tmp_path / "other", workers=2)
+    with pytest.raises(ValueError, match="workers=0"):
+        extract_tokens(dataset, pipeline_config(), tmp_path, workers=0)

@@ -18,6 +18,10 @@ has one row per frame with the columns of ``features`` except the video:
 column                    arrow type                   meaning
 ========================  ===========================  ================================================
 ``observation.state``     fixed_size_list<float32>[S]  robot state at the frame's capture (names in info)
+``observation.environment fixed_size_list<float32>[E]  optional (LeRobot's key): state of the scene at the
+_state``                                               frame's capture, e.g. the simulator's positions of
+                                                       the objects the instruction names; training can use
+                                                       it as an auxiliary target, never as an input
 ``action``                fixed_size_list<float32>[A]  the command sent after observing the frame: the
                                                        target the arm should reach one step (1 / fps)
                                                        later
@@ -29,8 +33,8 @@ column                    arrow type                   meaning
 ========================  ===========================  ================================================
 
 The camera (``observation.images.front``, shape ``[H, W, 3]``, names ``[height, width, channel]``) is an
-MP4 per episode written with OpenCV's ``mp4v`` fourcc (MPEG-4 Part 2, yuv420p), one video frame per row.
-Width and height must be even (the encoder rounds odd sizes down). ``episodes_stats.jsonl`` is what
+MP4 per episode, H.264 (libx264 through PyAV, yuv420p, constant quality ``crf`` 23, one keyframe every 2 s),
+one video frame per row. Width and height must be even (yuv420p). ``episodes_stats.jsonl`` is what
 LeRobot v2.1 reads for normalisation (images in [0, 1] per channel, shape (3, 1, 1)); the reader here
 does not need it. ``success`` in episodes.jsonl is our extra (None when unknown), and so are any further
 per-episode keys a recorder adds (``end_episode(extra=...)``, e.g. ``layout``: the simulator seed of the
@@ -40,9 +44,10 @@ ignores keys it does not know.
 
 Known differences and limits:
 
-* mp4v is lossy: decoded frames differ from the recorded ones (mean absolute difference of a few grey
-  levels on our scenes). LeRobot itself stores AV1 (or H.264) and reads through PyAV / torchcodec,
-  which decode mpeg4 as well; that LeRobot's own loader accepts these files has not been tested here
+* H.264 at crf 23 is lossy: decoded frames differ from the recorded ones by about one grey level (mean
+  absolute difference) on our scenes. Datasets written before 2026-11-26 hold MPEG-4 Part 2 (``mp4v``)
+  videos, about twice the size, and read the same way. LeRobot itself stores AV1 (or H.264) and reads
+  through PyAV / torchcodec; that LeRobot's own loader accepts these files has not been tested here
   (LeRobot is not installed). Datasets recorded by LeRobot in AV1 are read here through OpenCV's FFmpeg
   build, which may lack an AV1 decoder: the reader then fails with the file named (re-encode to H.264).
 * ``fps`` is written as an integer when it is one (LeRobot's type), else as a float.
@@ -66,6 +71,7 @@ from fovea_vla.core._validation import is_int, is_real
 __all__ = [
     "CODEBASE_VERSION",
     "DATA_PATH",
+    "ENVIRONMENT_KEY",
     "IMAGE_KEY",
     "VIDEO_PATH",
     "DatasetError",
@@ -81,6 +87,7 @@ DATA_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
 VIDEO_PATH = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
 IMAGE_KEY = "observation.images.front"
 STATE_KEY = "observation.state"
+ENVIRONMENT_KEY = "observation.environment_state"
 ACTION_KEY = "action"
 INFO_FILE = "meta/info.json"
 EPISODES_FILE = "meta/episodes.jsonl"
@@ -95,6 +102,8 @@ _SCALARS = {
 }
 _EPISODE_KEYS = ("episode_index", "tasks", "length", "success")  # episodes.jsonl's standard keys
 _STATS_IMAGE_SAMPLES = 100  # frames per episode for the image statistics (LeRobot samples too)
+_VIDEO_CRF = "23"
+_VIDEO_GOP = 20  # frames between keyframes (2 s at 10 Hz): seeking stays cheap, files stay small
 
 
 class DatasetError(ValueError):
@@ -128,6 +137,34 @@ def _stats(values: np.ndarray, axis: int) -> dict:
     }
 
 
+class _H264Writer:
+    """One episode's MP4: H.264 frames through PyAV (LeRobot writes its videos through PyAV too)."""
+
+    def __init__(self, path: Path, fps: float, size: tuple[int, int]):
+        import fractions
+
+        import av
+
+        self.path = path
+        self._container = av.open(str(path), mode="w")
+        rate = fractions.Fraction(fps).limit_denominator(1000)
+        self._stream = self._container.add_stream("libx264", rate=rate)
+        self._stream.width, self._stream.height = size
+        self._stream.pix_fmt = "yuv420p"
+        self._stream.options = {"crf": _VIDEO_CRF, "preset": "fast", "g": str(_VIDEO_GOP)}
+
+    def write(self, rgb: np.ndarray) -> None:
+        import av
+
+        for packet in self._stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+            self._container.mux(packet)
+
+    def close(self) -> None:
+        for packet in self._stream.encode():
+            self._container.mux(packet)
+        self._container.close()
+
+
 def _write_json_atomic(path: Path, document) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(document if isinstance(document, str) else json.dumps(document, indent=4) + "\n")
@@ -146,11 +183,14 @@ class LeRobotWriter:
         state_names: S names of the state dims.
         action_names: A names of the action dims.
         image_size: (W, H) of the camera frames [px], both even.
+        environment_names: E names of ``observation.environment_state`` (every frame then gives
+            one), or None to record none.
         robot_type: free text (LeRobot's ``robot_type``).
         recording: JSON-serialisable description of how the data was made, written as
             ``recording`` in info.json (None: not written). When appending, it is added to the
             list ``recording_appended`` instead.
-        append: continue a dataset this writer's format wrote (same fps, names and image size):
+        append: continue a dataset this writer's format wrote (same fps, names, environment
+            names and image size):
             new episodes get the next indices (e.g. DAgger rounds added to the demonstrations).
 
     Raises:
@@ -166,19 +206,23 @@ class LeRobotWriter:
         state_names: Sequence[str],
         action_names: Sequence[str],
         image_size: tuple[int, int],
+        environment_names: Sequence[str] | None = None,
         robot_type: str = "panda",
         recording: Mapping | None = None,
         append: bool = False,
     ):
         if not is_real(fps) or not (0 < fps <= 1000 and math.isfinite(fps)):
             raise ValueError(f"fps={fps!r}: must be a number in (0, 1000]")
-        for name, names in (("state_names", state_names), ("action_names", action_names)):
+        named = [("state_names", state_names), ("action_names", action_names)]
+        if environment_names is not None:
+            named.append(("environment_names", environment_names))
+        for name, names in named:
             if isinstance(names, str) or not names or not all(isinstance(n, str) and n for n in names):
                 raise ValueError(f"{name}={names!r}: must be a non-empty sequence of non-empty strings")
             if len(set(names)) != len(names):
                 raise ValueError(f"{name}={list(names)!r}: names must be unique")
         if len(image_size) != 2 or not all(is_int(v) and v >= 2 and v % 2 == 0 for v in image_size):
-            raise ValueError(f"image_size={image_size!r}: must be (W, H) with even integers >= 2 (mp4v needs them)")
+            raise ValueError(f"image_size={image_size!r}: must be (W, H) with even integers >= 2 (yuv420p needs them)")
         self.root = Path(root)
         if (self.root / INFO_FILE).exists() and not append:
             raise FileExistsError(
@@ -187,6 +231,7 @@ class LeRobotWriter:
         self.fps = float(fps)
         self.state_names = tuple(state_names)
         self.action_names = tuple(action_names)
+        self.environment_names = None if environment_names is None else tuple(environment_names)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.robot_type = str(robot_type)
         if recording is not None and not isinstance(recording, Mapping):
@@ -196,10 +241,10 @@ class LeRobotWriter:
         self._episode_stats: list[dict] = []
         self._tasks: dict[str, int] = {}
         self._total_frames = 0
-        self._video: cv2.VideoWriter | None = None
-        self._video_path: Path | None = None
+        self._video: _H264Writer | None = None
         self._states: list[np.ndarray] = []
         self._actions: list[np.ndarray] = []
+        self._environment: list[np.ndarray] = []
         self._image_sums: list[np.ndarray] = []
         self._closed = False
         self._appended: list = []
@@ -210,11 +255,13 @@ class LeRobotWriter:
     def _continue(self) -> None:
         """Load the meta files of the dataset at ``root`` to append to it."""
         existing = LeRobotDataset(self.root)
-        found = (existing.fps, existing.state_names, existing.action_names, existing.image_size)
-        wanted = (self.fps, self.state_names, self.action_names, self.image_size)
+        found = (existing.fps, existing.state_names, existing.action_names, existing.environment_names)
+        found += (existing.image_size,)
+        wanted = (self.fps, self.state_names, self.action_names, self.environment_names, self.image_size)
         if found != wanted or existing.image_key != IMAGE_KEY:
             raise ValueError(
-                f"append: {self.root} has (fps, state_names, action_names, image_size) = {found}, this writer {wanted}"
+                f"append: {self.root} has (fps, state_names, action_names, environment_names, image_size) = "
+                f"{found}, this writer {wanted}"
             )
         self._episodes = _read_jsonl(self.root / EPISODES_FILE)
         if [e["episode_index"] for e in self._episodes] != list(range(existing.num_episodes)):
@@ -243,16 +290,19 @@ class LeRobotWriter:
         video = self.root / VIDEO_PATH.format(episode_chunk=chunk, video_key=IMAGE_KEY, episode_index=index)
         return data, video
 
-    def add_frame(self, rgb: np.ndarray, state, action) -> None:
+    def add_frame(self, rgb: np.ndarray, state, action, environment_state=None) -> None:
         """Append one frame of the current episode.
 
         Args:
             rgb: (H, W, 3) uint8 RGB camera frame, row 0 at the top, of ``image_size``.
             state: (S,) robot state at the frame's capture, finite.
             action: (A,) the command sent after observing this frame (the target one step later).
+            environment_state: (E,) the scene's state at the capture; required exactly when the
+                writer has ``environment_names``.
 
         Raises:
-            ValueError: a wrong shape or dtype, or non-finite values.
+            ValueError: a wrong shape or dtype, non-finite values, or an environment state given
+                to a writer without environment names (or missing with them).
             RuntimeError: the writer is closed.
         """
         if self._closed:
@@ -265,7 +315,16 @@ class LeRobotWriter:
             )
         state = np.asarray(state, dtype=np.float64).reshape(-1)
         action = np.asarray(action, dtype=np.float64).reshape(-1)
-        for name, value, names in (("state", state, self.state_names), ("action", action, self.action_names)):
+        checks = [("state", state, self.state_names), ("action", action, self.action_names)]
+        if (environment_state is None) != (self.environment_names is None):
+            raise ValueError(
+                f"environment_state={environment_state!r}: give one exactly when the writer has environment_names "
+                f"({self.environment_names!r})"
+            )
+        if environment_state is not None:
+            environment_state = np.asarray(environment_state, dtype=np.float64).reshape(-1)
+            checks.append(("environment_state", environment_state, self.environment_names))
+        for name, value, names in checks:
             if value.shape != (len(names),):
                 raise ValueError(f"{name} must have {len(names)} values ({', '.join(names)}), got {value.shape[0]}")
             if not np.isfinite(value).all():
@@ -273,13 +332,12 @@ class LeRobotWriter:
         if self._video is None:
             _, video_path = self._paths(len(self._episodes))
             video_path.parent.mkdir(parents=True, exist_ok=True)
-            self._video = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (width, height))
-            if not self._video.isOpened():
-                raise RuntimeError(f"{video_path}: OpenCV cannot open an mp4v video writer")
-            self._video_path = video_path
-        self._video.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+            self._video = _H264Writer(video_path, self.fps, (width, height))
+        self._video.write(rgb)
         self._states.append(state.astype(np.float32))
         self._actions.append(action.astype(np.float32))
+        if environment_state is not None:
+            self._environment.append(environment_state.astype(np.float32))
         if len(self._states) <= _STATS_IMAGE_SAMPLES:
             self._image_sums.append(rgb[::4, ::4].reshape(-1, 3).astype(np.float32) / 255.0)
 
@@ -313,7 +371,7 @@ class LeRobotWriter:
         if not self._states:
             raise ValueError("end_episode without frames: call add_frame first")
         index = len(self._episodes)
-        self._video.release()
+        self._video.close()
         self._video = None
         length = len(self._states)
         task_index = self._tasks.setdefault(task, len(self._tasks))
@@ -331,6 +389,11 @@ class LeRobotWriter:
             "index": pa.array(self._total_frames + frame_index),
             "task_index": pa.array(np.full(length, task_index, dtype=np.int64)),
         }
+        if self._environment:
+            environment = np.stack(self._environment)
+            columns[ENVIRONMENT_KEY] = pa.FixedSizeListArray.from_arrays(
+                pa.array(environment.reshape(-1), pa.float32()), environment.shape[1]
+            )
         features = self._features()
         table = pa.table(columns).replace_schema_metadata(
             {"huggingface": json.dumps({"info": {"features": _hf_features(features)}})}
@@ -345,13 +408,14 @@ class LeRobotWriter:
             image_stats[name] = [[[v]] for v in image_stats[name]]  # (3, 1, 1) as LeRobot stores it
         image_stats["count"] = [len(self._image_sums)]
         stats = {IMAGE_KEY: image_stats, STATE_KEY: _stats(states, 0), ACTION_KEY: _stats(actions, 0)}
+        if self._environment:
+            stats[ENVIRONMENT_KEY] = _stats(environment, 0)
         for name in _SCALARS:
             stats[name] = _stats(np.asarray(columns[name]).reshape(-1, 1), 0)
         self._episode_stats.append({"episode_index": index, "stats": stats})
         self._episodes.append({"episode_index": index, "tasks": [task], "length": length, "success": success} | extra)
         self._total_frames += length
-        self._states, self._actions, self._image_sums = [], [], []
-        self._video_path = None
+        self._states, self._actions, self._environment, self._image_sums = [], [], [], []
         self._write_meta()
         return index
 
@@ -367,7 +431,7 @@ class LeRobotWriter:
                     "video.height": height,
                     "video.width": width,
                     "video.channels": 3,
-                    "video.codec": "mpeg4",
+                    "video.codec": "h264",
                     "video.pix_fmt": "yuv420p",
                     "video.is_depth_map": False,
                     "has_audio": False,
@@ -376,6 +440,12 @@ class LeRobotWriter:
             STATE_KEY: {"dtype": "float32", "shape": [len(self.state_names)], "names": list(self.state_names)},
             ACTION_KEY: {"dtype": "float32", "shape": [len(self.action_names)], "names": list(self.action_names)},
         }
+        if self.environment_names is not None:
+            features[ENVIRONMENT_KEY] = {
+                "dtype": "float32",
+                "shape": [len(self.environment_names)],
+                "names": list(self.environment_names),
+            }
         for name, dtype in _SCALARS.items():
             features[name] = {"dtype": dtype, "shape": [1], "names": None}
         return features
@@ -417,11 +487,10 @@ class LeRobotWriter:
             return
         self._closed = True
         if self._video is not None:
-            self._video.release()
+            self._video.close()
+            self._video.path.unlink(missing_ok=True)
             self._video = None
-            if self._video_path is not None:
-                self._video_path.unlink(missing_ok=True)
-        self._states, self._actions, self._image_sums = [], [], []
+        self._states, self._actions, self._environment, self._image_sums = [], [], [], []
         self._write_meta()
 
 
@@ -435,6 +504,8 @@ class Episode:
         frames: T camera frames, (H, W, 3) uint8 RGB each, decoded lazily on iteration.
         states: (T, S) float32 robot state per frame.
         actions: (T, A) float32 action per frame (the target one step after the frame).
+        environment_states: (T, E) float32 ``observation.environment_state`` per frame, None when
+            the dataset has none.
         timestamps: (T,) float64 time of each frame from the episode start [s].
         success: whether the episode reached its goal, None when unknown.
         extra: the episode's further keys in episodes.jsonl (e.g. ``layout``), empty when none.
@@ -448,6 +519,7 @@ class Episode:
     timestamps: np.ndarray
     success: bool | None
     extra: dict = field(default_factory=dict)
+    environment_states: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.states)
@@ -553,6 +625,7 @@ class LeRobotDataset:
         fps: frame rate [Hz].
         state_names: S names of ``observation.state``.
         action_names: A names of ``action``.
+        environment_names: E names of ``observation.environment_state``, None when the dataset has none.
         image_key: the camera read into :attr:`Episode.frames`.
         image_size: (W, H) of its frames [px].
         tasks: the task texts by task index.
@@ -608,6 +681,9 @@ class LeRobotDataset:
         self.image_key = image_key
         self.state_names = _feature_names(features[STATE_KEY], STATE_KEY, info_path)
         self.action_names = _feature_names(features[ACTION_KEY], ACTION_KEY, info_path)
+        self.environment_names = None
+        if ENVIRONMENT_KEY in features:
+            self.environment_names = _feature_names(features[ENVIRONMENT_KEY], ENVIRONMENT_KEY, info_path)
         self.chunks_size = int(info.get("chunks_size", CHUNKS_SIZE))
         tasks = _read_jsonl(self.root / TASKS_FILE)
         try:
@@ -683,6 +759,9 @@ class LeRobotDataset:
             raise DatasetError(f"{path}: {len(table)} rows, {self.root / EPISODES_FILE} says length {length}")
         states = _column_matrix(table, STATE_KEY, len(self.state_names), path)
         actions = _column_matrix(table, ACTION_KEY, len(self.action_names), path)
+        environment = None
+        if self.environment_names is not None:
+            environment = _column_matrix(table, ENVIRONMENT_KEY, len(self.environment_names), path)
         if "timestamp" in table.column_names:
             timestamps = np.array(table.column("timestamp").to_numpy(), dtype=np.float64)
         else:
@@ -705,6 +784,7 @@ class LeRobotDataset:
             timestamps=timestamps,
             success=None if success is None else bool(success),
             extra=self.episode_extra(index),
+            environment_states=environment,
         )
 
     def __len__(self) -> int:

@@ -14,6 +14,12 @@ back. With ``delta_state_indices`` the network predicts each action dim as an of
 dim (targets near the current pose are the common case, so offsets are easier to learn than absolute
 values), and the head adds the state back.
 
+With ``aux_dim`` E > 0 one more query position is read out as E auxiliary values (normalised with
+``aux_mean`` / ``aux_std``): during training it is fitted to privileged labels of the scene, such as
+where the objects the instruction names are (``observation.environment_state``). The action queries
+attend to it, so the blocks learn to find those objects first; at run time it costs one position and
+its output is only informative (:meth:`ActionHead.forward_aux`).
+
 Every image token also gets where it was sampled: its centre (x / W, y / H) and mip level / 8 (see
 :func:`fovea_vla.core.policy.observation.token_positions`), as Fourier features projected to W and
 added to the token. The encoder embeds positions too, but the head should not depend on how well a
@@ -64,6 +70,7 @@ class ActionHeadConfig:
             0 puts every image token into the blocks.
         instruction_latents: add a projection of the instruction to the latents' queries (needs
             ``num_latents`` > 0).
+        aux_dim: E > 0 adds a query position read out as E auxiliary values (0: none).
     """
 
     token_dim: int = 192
@@ -78,6 +85,7 @@ class ActionHeadConfig:
     delta_state_indices: tuple[int, ...] = ()
     num_latents: int = 0
     instruction_latents: bool = False
+    aux_dim: int = 0
 
     def __post_init__(self):
         for name, top in (
@@ -95,6 +103,8 @@ class ActionHeadConfig:
                 raise ValueError(f"policy.{name}={value!r}: must be an integer in [1, {top}]")
         if not is_int(self.num_latents) or not 0 <= self.num_latents <= 4096:
             raise ValueError(f"policy.num_latents={self.num_latents!r}: must be an integer in [0, 4096]")
+        if not is_int(self.aux_dim) or not 0 <= self.aux_dim <= 1024:
+            raise ValueError(f"policy.aux_dim={self.aux_dim!r}: must be an integer in [0, 1024]")
         if self.width % self.num_heads:
             raise ValueError(f"policy.width={self.width}: must be divisible by policy.num_heads={self.num_heads}")
         if not isinstance(self.instruction_latents, bool) or (self.instruction_latents and not self.num_latents):
@@ -128,8 +138,8 @@ class ActionHeadConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown action-head fields {unknown}")
-        # Checkpoints written before instruction_latents existed do not name it.
-        missing = sorted(known - set(values) - {"instruction_latents"})
+        # Checkpoints written before instruction_latents / aux_dim existed do not name them.
+        missing = sorted(known - set(values) - {"instruction_latents", "aux_dim"})
         if missing:
             raise ValueError(f"missing action-head fields {missing}")
         fields = dict(values)
@@ -189,6 +199,11 @@ class ActionHead(nn.Module):
         self.blocks = nn.ModuleList(Block(w, cfg.num_heads, int(w * cfg.mlp_ratio), 1e-6) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(w)
         self.action_out = nn.Linear(w, cfg.action_dim)
+        self.aux_query = nn.Parameter(torch.zeros(1, w)) if cfg.aux_dim else None
+        self.aux_out = nn.Linear(w, cfg.aux_dim) if cfg.aux_dim else None
+        if cfg.aux_dim:
+            self.register_buffer("aux_mean", torch.zeros(cfg.aux_dim))
+            self.register_buffer("aux_std", torch.ones(cfg.aux_dim))
         self.register_buffer("state_mean", torch.zeros(cfg.state_dim))
         self.register_buffer("state_std", torch.ones(cfg.state_dim))
         self.register_buffer("action_mean", torch.zeros(cfg.action_dim))
@@ -211,6 +226,8 @@ class ActionHead(nn.Module):
             nn.init.trunc_normal_(model.type_embed, std=0.02, generator=generator)
             if model.latents is not None:
                 nn.init.trunc_normal_(model.latents, std=0.02, generator=generator)
+            if model.aux_query is not None:
+                nn.init.trunc_normal_(model.aux_query, std=0.02, generator=generator)
         return model
 
     def set_normalization(self, state_mean, state_std, action_mean, action_std) -> None:
@@ -236,9 +253,22 @@ class ActionHead(nn.Module):
                     tensor = tensor.clamp(min=1e-6)
                 buffer.copy_(tensor)
 
+    def set_aux_normalization(self, aux_mean, aux_std) -> None:
+        """Set the auxiliary targets' statistics (their units; stds floored at 1e-6); needs ``aux_dim`` > 0."""
+        if not self.cfg.aux_dim:
+            raise ValueError("set_aux_normalization: the head has no auxiliary outputs (aux_dim = 0)")
+        with torch.no_grad():
+            self.aux_mean.copy_(torch.as_tensor(aux_mean, dtype=torch.float32).reshape(self.aux_mean.shape))
+            std = torch.as_tensor(aux_std, dtype=torch.float32).reshape(self.aux_std.shape)
+            self.aux_std.copy_(std.clamp(min=1e-6))
+
+    def _float_buffers(self) -> tuple[str, ...]:
+        names = ("state_mean", "state_std", "action_mean", "action_std")
+        return names + (("aux_mean", "aux_std") if self.cfg.aux_dim else ())
+
     def half_precision(self, dtype: torch.dtype) -> ActionHead:
         """Cast weights to ``dtype`` keeping the normalisation buffers float32."""
-        kept = {name: getattr(self, name).clone() for name in ("state_mean", "state_std", "action_mean", "action_std")}
+        kept = {name: getattr(self, name).clone() for name in self._float_buffers()}
         self.to(dtype)
         for name, value in kept.items():
             setattr(self, name, value.to(self.queries.device))
@@ -250,6 +280,13 @@ class ActionHead(nn.Module):
     ) -> torch.Tensor:
         """The network's raw output, (B, K, A) float32 in normalised units (train against
         :meth:`targets`). Arguments as :meth:`forward`."""
+        return self.forward_normalized_with_aux(tokens, positions, instruction, state)[0]
+
+    def forward_normalized_with_aux(
+        self, tokens: torch.Tensor, positions: torch.Tensor, instruction: torch.Tensor, state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """((B, K, A) actions, (B, E) auxiliary values or None), float32 in normalised units.
+        Arguments as :meth:`forward`."""
         dtype = self.queries.dtype
         b = tokens.shape[0]
         normalized_state = ((state.float() - self.state_mean) / self.state_std).to(dtype)
@@ -263,16 +300,33 @@ class ActionHead(nn.Module):
             if self.latent_instruction is not None:
                 queries = queries + self.latent_instruction(instruction.to(dtype))[:, None]
             image = self.resampler(queries, image)
-        parts = (
+        parts = [
             self.queries.expand(b, -1, -1) + self.type_embed[_QUERY],
             (self.instruction_proj(instruction.to(dtype)) + self.type_embed[_INSTRUCTION])[:, None],
             (self.state_proj(normalized_state) + self.type_embed[_STATE])[:, None],
             image,
-        )
+        ]
+        if self.aux_query is not None:
+            parts.append((self.aux_query + self.type_embed[_QUERY]).expand(b, -1, -1))
         x = torch.cat(parts, dim=1)
         for block in self.blocks:
             x = block(x)
-        return self.action_out(self.norm(x[:, : self.cfg.chunk_size])).float()
+        actions = self.action_out(self.norm(x[:, : self.cfg.chunk_size])).float()
+        aux = self.aux_out(self.norm(x[:, -1])).float() if self.aux_out is not None else None
+        return actions, aux
+
+    def forward_aux(
+        self, tokens: torch.Tensor, positions: torch.Tensor, instruction: torch.Tensor, state: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, E) float32 auxiliary values in their units (e.g. where the named objects are).
+
+        Raises:
+            ValueError: the head has no auxiliary outputs (``aux_dim`` = 0).
+        """
+        if self.aux_out is None:
+            raise ValueError("forward_aux: the head has no auxiliary outputs (aux_dim = 0)")
+        aux = self.forward_normalized_with_aux(tokens, positions, instruction, state)[1]
+        return aux * self.aux_std + self.aux_mean
 
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, instruction: torch.Tensor, state: torch.Tensor

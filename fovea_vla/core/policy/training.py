@@ -149,12 +149,55 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _extract_episode(dataset: LeRobotDataset, index: int, factory: Callable, stem: Path) -> int:
+    """Run episode ``index`` through a fresh pipeline and write its cache files; returns the token width."""
+    from fovea_vla.core.frames import Frame
+
+    episode = dataset.episode(index)
+    pipeline = factory()
+    pipeline.reset()
+    per_frame, per_frame_positions = [], []
+    for rgb, stamp_s in zip(episode.frames, episode.timestamps, strict=True):
+        output = pipeline.process(Frame(rgb=rgb, stamp_ns=round(float(stamp_s) * 1e9), frame_id="camera"))
+        if output.tokens is None:
+            raise ValueError("extract_tokens: the pipeline returned no tokens (no encoder?)")
+        per_frame.append(output.tokens.detach().to("cpu", torch.float16).numpy())
+        per_frame_positions.append(
+            token_positions(output.layout.centers, output.layout.levels, output.width, output.height)
+        )
+    offsets = np.zeros(len(per_frame) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(t) for t in per_frame])
+    tokens = np.concatenate(per_frame)
+    _save_npy_atomic(Path(f"{stem}.tokens.npy"), tokens)
+    _save_npy_atomic(Path(f"{stem}.positions.npy"), np.concatenate(per_frame_positions))
+    _save_npy_atomic(Path(f"{stem}.offsets.npy"), offsets)  # last: the episode is complete once this exists
+    return int(tokens.shape[1])
+
+
+_worker_job: tuple | None = None
+
+
+def _start_extract_worker(root: str, image_key: str, cfg) -> None:
+    global _worker_job
+    from fovea_vla.core.pipeline import FoveaPipeline
+
+    torch.set_num_threads(1)  # one core per worker
+    _worker_job = (LeRobotDataset(root, image_key=image_key), lambda: FoveaPipeline(cfg))
+
+
+def _extract_in_worker(job: tuple[int, str]) -> int:
+    dataset, factory = _worker_job
+    index, stem = job
+    return _extract_episode(dataset, index, factory, Path(stem))
+
+
 def extract_tokens(
     dataset: LeRobotDataset,
     pipeline_factory,
     cache_dir: str | os.PathLike,
     *,
     progress: Callable[[int, int], None] | None = None,
+    workers: int = 1,
 ) -> TokenCache:
     """Encoder tokens of every frame, computed once per dataset and pipeline config.
 
@@ -169,17 +212,25 @@ def extract_tokens(
             config for the cache key). The pipeline needs an encoder.
         cache_dir: parent folder of the caches; the cache is ``cache_dir/<key>``.
         progress: called with (episodes done, episodes) after each episode, e.g. to print.
+        workers: processes extracting episodes in parallel (one core each; each episode still gets
+            its own pipeline, so the tokens do not depend on the number); > 1 needs a config, not a
+            callable, as ``pipeline_factory``.
 
     Returns:
         The :class:`TokenCache`; episodes already cached are not recomputed.
 
     Raises:
-        ValueError: the pipeline has no encoder.
+        ValueError: the pipeline has no encoder, or ``workers`` is refused.
         DatasetError: an episode's files are missing or malformed.
     """
-    from fovea_vla.core.frames import Frame
+    import multiprocessing
 
-    factory, cfg = _config_of(pipeline_factory)
+    if not is_int(workers) or workers < 1:
+        raise ValueError(f"workers={workers!r}: must be an integer >= 1")
+    factory, given_cfg = _config_of(pipeline_factory)
+    if workers > 1 and given_cfg is None:
+        raise ValueError("extract_tokens: workers > 1 needs a PipelineConfig as pipeline_factory")
+    cfg = given_cfg
     if cfg is None:
         cfg = factory().cfg
     if cfg.encoder is None:
@@ -200,36 +251,33 @@ def extract_tokens(
     if manifest.is_file():
         token_dim = json.loads(manifest.read_text()).get("token_dim")
     total = dataset.num_episodes
-    for done, index in enumerate(dataset.episode_indices, 1):
+    done, missing = 0, []
+    for index in dataset.episode_indices:
         stem = folder / f"episode_{index:06d}"
-        offsets_path = Path(f"{stem}.offsets.npy")
-        if offsets_path.is_file():
+        if Path(f"{stem}.offsets.npy").is_file():
             if token_dim is None:
                 token_dim = int(np.load(f"{stem}.tokens.npy", mmap_mode="r").shape[1])
+            done += 1
+        else:
+            missing.append((index, str(stem)))
+    if progress is not None and done:
+        progress(done, total)
+    if workers == 1 or len(missing) <= 1:
+        widths = (_extract_episode(dataset, index, factory, Path(stem)) for index, stem in missing)
+        pool = None
+    else:
+        context = multiprocessing.get_context("spawn")
+        pool = context.Pool(workers, _start_extract_worker, (str(dataset.root), dataset.image_key, cfg))
+        widths = pool.imap_unordered(_extract_in_worker, missing)
+    try:
+        for width in widths:
+            token_dim = width
+            done += 1
             if progress is not None:
                 progress(done, total)
-            continue
-        episode = dataset.episode(index)
-        pipeline = factory()
-        pipeline.reset()
-        per_frame, per_frame_positions = [], []
-        for rgb, stamp_s in zip(episode.frames, episode.timestamps, strict=True):
-            output = pipeline.process(Frame(rgb=rgb, stamp_ns=round(float(stamp_s) * 1e9), frame_id="camera"))
-            if output.tokens is None:
-                raise ValueError("extract_tokens: the pipeline returned no tokens (no encoder?)")
-            per_frame.append(output.tokens.detach().to("cpu", torch.float16).numpy())
-            per_frame_positions.append(
-                token_positions(output.layout.centers, output.layout.levels, output.width, output.height)
-            )
-        offsets = np.zeros(len(per_frame) + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum([len(t) for t in per_frame])
-        tokens = np.concatenate(per_frame)
-        token_dim = int(tokens.shape[1])
-        _save_npy_atomic(Path(f"{stem}.tokens.npy"), tokens)
-        _save_npy_atomic(Path(f"{stem}.positions.npy"), np.concatenate(per_frame_positions))
-        _save_npy_atomic(offsets_path, offsets)  # last: the episode is complete once this exists
-        if progress is not None:
-            progress(done, total)
+    finally:
+        if pool is not None:
+            pool.terminate()
     if token_dim is None:
         raise ValueError(f"{dataset.root}: the dataset has no episodes")
     document = {**description, "token_dim": token_dim}
@@ -271,6 +319,9 @@ class TrainConfig:
         delta_state_indices: A state indices the action dims are offsets from (-1: absolute), ()
             for all absolute, or None: each action dim named like a state dim is relative to it,
             except the gripper (see :func:`default_delta_indices`).
+        aux_weight: > 0 fits an auxiliary output of the head (``ActionHeadConfig.aux_dim``) to the
+            dataset's ``observation.environment_state`` at each frame (e.g. where the objects the
+            instruction names are) with this weight next to the action loss; 0: none.
     """
 
     width: int = 256
@@ -291,6 +342,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     delta_state_indices: tuple[int, ...] | None = None
+    aux_weight: float = 0.0
 
     def __post_init__(self):
         for name, top in (
@@ -319,6 +371,7 @@ class TrainConfig:
             ("warmup_fraction", 0.0, 1.0, True),
             ("grad_clip_norm", 0.0, 1e6, True),
             ("val_fraction", 0.0, 0.9, True),
+            ("aux_weight", 0.0, 1e3, True),
         ):
             value = getattr(self, name)
             ok = is_real(value) and (low <= value if closed_low else low < value) and value <= high
@@ -370,9 +423,12 @@ class EpochStats:
         epoch: 1-based epoch number.
         epochs: epochs of the whole run.
         train_loss: mean loss over the training frames (normalised units).
-        val_loss: mean loss over the validation frames, None without a validation split.
+        val_loss: mean loss over the validation frames, None without a validation split (the
+            action loss alone, also with an auxiliary target).
         lr: learning rate at the end of the epoch.
         seconds: wall time of the epoch [s].
+        val_aux_error: with an auxiliary target, its mean absolute error over the validation frames
+            in the target's units, else None.
     """
 
     epoch: int
@@ -381,6 +437,7 @@ class EpochStats:
     val_loss: float | None
     lr: float
     seconds: float
+    val_aux_error: float | None = None
 
 
 @dataclass
@@ -430,6 +487,7 @@ class _Split:
     task_rows: np.ndarray  # (F,) row of the instruction table
     frames: np.ndarray  # (F, 2) int64 (position in `episodes`, t)
     counts: np.ndarray  # (F,) tokens per frame
+    environment: np.ndarray | None = None  # (F, E) float32 auxiliary targets
 
     def batches(self, batch_size: int, generator: np.random.Generator | None) -> list[np.ndarray]:
         """Sample indices grouped into batches of equal token count; shuffled when a generator is given."""
@@ -492,6 +550,11 @@ class _Data:
                 f"the token cache {tokens.folder} was extracted from other episodes than {dataset.root} holds"
             )
         self.tokens = tokens
+        self.with_environment = cfg.aux_weight > 0
+        if self.with_environment and dataset.environment_names is None:
+            raise ValueError(
+                f"train.aux_weight={cfg.aux_weight!r}: {dataset.root} has no observation.environment_state to fit"
+            )
         layouts = {
             index: extra["layout"]
             for index in dataset.episode_indices
@@ -513,11 +576,13 @@ class _Data:
         self.val = self._split(val_ids, episodes, cfg.chunk_size) if val_ids else None
 
     def _split(self, ids: list[int], episodes: dict, chunk_size: int) -> _Split:
-        states, chunks, rows, frames, counts = [], [], [], [], []
+        states, chunks, rows, frames, counts, environment = [], [], [], [], [], []
         for position, index in enumerate(ids):
             episode = episodes[index]
             length = len(episode)
             states.append(episode.states)
+            if self.with_environment:
+                environment.append(episode.environment_states)
             chunks.append(_chunks(episode.actions, chunk_size))
             rows.append(np.full(length, self.tasks.index(episode.task)))
             frames.append(np.stack([np.full(length, position), np.arange(length)], axis=1))
@@ -529,11 +594,12 @@ class _Data:
             np.concatenate(rows),
             np.concatenate(frames).astype(np.int64),
             np.concatenate(counts),
+            np.concatenate(environment).astype(np.float32) if self.with_environment else None,
         )
 
     def batch(self, split: _Split, members: np.ndarray, device: torch.device):
         """(tokens (B, N, T) float16, positions (B, N, 3), instruction (B, I), state (B, S),
-        actions (B, K, A)) on ``device``."""
+        actions (B, K, A), environment (B, E) or None) on ``device``."""
         rows, places = [], []
         for position, t in split.frames[members]:
             array, positions, offsets = self._token_arrays[split.episodes[position]]
@@ -544,7 +610,11 @@ class _Data:
         instruction = self.instructions[split.task_rows[members]]
         state = torch.from_numpy(split.states[members])
         actions = torch.from_numpy(split.chunks[members])
-        return tuple(x.to(device, non_blocking=True) for x in (tokens, token_places, instruction, state, actions))
+        environment = None if split.environment is None else torch.from_numpy(split.environment[members])
+        return tuple(
+            None if x is None else x.to(device, non_blocking=True)
+            for x in (tokens, token_places, instruction, state, actions, environment)
+        )
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -674,6 +744,7 @@ def train(
         delta_state_indices=tuple(delta),
         num_latents=cfg.num_latents,
         instruction_latents=cfg.instruction_latents,
+        aux_dim=len(dataset.environment_names) if cfg.aux_weight > 0 and dataset.environment_names else 0,
     )
     spec_base = dict(
         head=head_cfg,
@@ -690,6 +761,8 @@ def train(
     device = cfg.resolved_device()
     model = ActionHead.from_config(head_cfg, seed=cfg.seed)
     model.set_normalization(*_normalization(data.train, head_cfg.delta_state_indices, head_cfg.action_dim))
+    if head_cfg.aux_dim:
+        model.set_aux_normalization(data.train.environment.mean(0), data.train.environment.std(0))
     model.to(device)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -724,9 +797,12 @@ def train(
         generator = np.random.default_rng([cfg.seed, epoch])
         total, count = 0.0, 0
         for members in data.train.batches(cfg.batch_size, generator):
-            tokens_b, positions_b, instruction, state, actions = data.batch(data.train, members, device)
-            prediction = model.forward_normalized(tokens_b, positions_b, instruction, state)
+            tokens_b, positions_b, instruction, state, actions, environment = data.batch(data.train, members, device)
+            prediction, aux = model.forward_normalized_with_aux(tokens_b, positions_b, instruction, state)
             loss = _loss(prediction, model.targets(actions, state), cfg.loss)
+            if aux is not None:
+                aux_target = (environment - model.aux_mean) / model.aux_std
+                loss = loss + cfg.aux_weight * _loss(aux, aux_target, cfg.loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip_norm > 0:
@@ -735,9 +811,9 @@ def train(
             scheduler.step()
             total += float(loss.detach()) * len(members)
             count += len(members)
-        val_loss = None
+        val_loss = val_aux = None
         if data.val is not None:
-            val_loss, _ = _evaluate(model, data, cfg, device)
+            val_loss, _, val_aux = _evaluate(model, data, cfg, device)
         stats = EpochStats(
             epoch=epoch + 1,
             epochs=cfg.epochs,
@@ -745,6 +821,7 @@ def train(
             val_loss=val_loss,
             lr=float(scheduler.get_last_lr()[0]),
             seconds=time.perf_counter() - started,
+            val_aux_error=None if val_aux is None else float(val_aux.mean()),
         )
         history.append(stats)
         _save_state(state_path, model, optimizer, scheduler, epoch + 1, history, cfg, data_key)
@@ -754,10 +831,12 @@ def train(
 
     if not completed:
         return TrainResult(history, False, None, state_path, None, None, val_episodes)
-    val_mae = {}
+    val_mae, val_aux_mae = {}, {}
     if data.val is not None:
-        _, mae = _evaluate(model, data, cfg, device)
+        _, mae, aux_mae = _evaluate(model, data, cfg, device)
         val_mae = dict(zip(action_names, mae.tolist(), strict=True))
+        if aux_mae is not None:
+            val_aux_mae = dict(zip(dataset.environment_names, aux_mae.tolist(), strict=True))
     final = history[-1]
     provenance = {
         "command": "fovea_vla.core.policy.training.train",
@@ -771,6 +850,8 @@ def train(
         "final_val_loss": final.val_loss,
         "loss": cfg.loss,
         "token_cache": tokens.key,
+        "aux_names": list(dataset.environment_names) if head_cfg.aux_dim else [],
+        "aux_weight": cfg.aux_weight,
         "git_sha": _git_sha(),
         **dict(spec_fields.get("provenance", {})),
     }
@@ -787,6 +868,7 @@ def train(
                 "final_train_loss": final.train_loss,
                 "final_val_loss": final.val_loss,
                 "val_mae": val_mae,
+                "val_aux_mae": val_aux_mae,
                 "train_episodes": list(data.train.episodes),
                 "val_episodes": list(val_episodes),
                 "train_frames": len(data.train.states),
@@ -802,21 +884,28 @@ def train(
     return TrainResult(history, True, policy_dir, state_path, loss_plot, metrics, val_episodes, val_mae)
 
 
-def _evaluate(model: ActionHead, data: _Data, cfg: TrainConfig, device: torch.device) -> tuple[float, np.ndarray]:
-    """(mean validation loss, (A,) mean absolute error in robot units) of ``model``."""
+def _evaluate(
+    model: ActionHead, data: _Data, cfg: TrainConfig, device: torch.device
+) -> tuple[float, np.ndarray, np.ndarray | None]:
+    """(mean validation action loss, (A,) mean absolute error in robot units, (E,) mean absolute
+    error of the auxiliary output in its units or None) of ``model``."""
     model.eval()
     total, count = 0.0, 0
     error = torch.zeros(model.cfg.action_dim, dtype=torch.float64)
+    aux_error = torch.zeros(model.cfg.aux_dim, dtype=torch.float64)
     with torch.no_grad():
         for members in data.val.batches(cfg.batch_size, None):
-            tokens_b, positions_b, instruction, state, actions = data.batch(data.val, members, device)
-            prediction = model.forward_normalized(tokens_b, positions_b, instruction, state)
+            tokens_b, positions_b, instruction, state, actions, environment = data.batch(data.val, members, device)
+            prediction, aux = model.forward_normalized_with_aux(tokens_b, positions_b, instruction, state)
             target = model.targets(actions, state)
             total += float(_loss(prediction, target, cfg.loss)) * len(members)
             count += len(members)
             error += ((prediction - target).abs() * model.action_std).sum((0, 1)).double().cpu()
+            if aux is not None:
+                aux_error += (aux * model.aux_std + model.aux_mean - environment).abs().sum(0).double().cpu()
     model.train()
-    return total / count, (error / (count * model.cfg.chunk_size)).numpy()
+    aux_mae = (aux_error / count).numpy() if model.cfg.aux_dim else None
+    return total / count, (error / (count * model.cfg.chunk_size)).numpy(), aux_mae
 
 
 def _save_state(path: Path, model, optimizer, scheduler, epoch: int, history, cfg: TrainConfig, data_key) -> None:
