@@ -61,6 +61,7 @@ def cmd_train(args) -> int:
             seed=args.seed,
             device=args.device,
             aux_weight=args.aux_weight,
+            token_dropout=args.token_dropout,
         )
         pipeline_cfg = pipeline_config_from_files(args.config)
         dataset = LeRobotDataset(args.data)
@@ -160,6 +161,12 @@ def add_train_parser(sub) -> None:
         default=defaults.aux_weight,
         help="weight of an auxiliary target: the head also predicts the dataset's observation.environment_state "
         "(record-sim: where the named block and square are); 0: none",
+    )
+    train.add_argument(
+        "--token-dropout",
+        type=float,
+        default=defaults.token_dropout,
+        help="share of each training frame's image tokens left out at random (0: none)",
     )
     train.add_argument("--workers", type=int, default=1, help="processes extracting tokens in parallel (one core each)")
     train.add_argument(

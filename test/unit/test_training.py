@@ -178,6 +178,32 @@ def test_train_config_names_refused_fields():
     assert default_delta_indices(NAMES, NAMES) == (0, 1, -1)
 
 
+def test_resident_batches_equal_host_batches(dataset, tokens, text_encoder):
+    """make_resident (used on a GPU) gathers the same batches as stacking the memory-mapped rows."""
+    data = training_module._Data(dataset, tokens, text_encoder, small_config(val_fraction=0.2))
+    members = [(data.train, np.array([0, 5, 17, 30])), (data.train, np.array([2])), (data.val, np.array([0, 3, 11]))]
+    before = [data.batch(split, m, torch.device("cpu")) for split, m in members]
+    assert not data.make_resident(torch.device("cpu"), budget_bytes=1000)
+    assert data.make_resident(torch.device("cpu"), budget_bytes=1 << 30)
+    after = [data.batch(split, m, torch.device("cpu")) for split, m in members]
+    for one, other in zip(before, after, strict=True):
+        for a, b in zip(one, other, strict=True):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_token_dropout_keeps_tokens_with_their_positions():
+    tokens = torch.arange(2 * 10, dtype=torch.float32).reshape(2, 10, 1).expand(2, 10, 4)
+    positions = torch.arange(2 * 10, dtype=torch.float32).reshape(2, 10, 1).expand(2, 10, 3)
+    kept_tokens, kept_positions = training_module._drop_tokens(tokens, positions, 0.3)
+    assert kept_tokens.shape == (2, 7, 4) and kept_positions.shape == (2, 7, 3)
+    assert torch.equal(kept_tokens[..., 0], kept_positions[..., 0])
+    for row in range(2):  # distinct tokens of this frame
+        values = kept_tokens[row, :, 0]
+        assert len(set(values.tolist())) == 7 and values.min() >= 10 * row and values.max() < 10 * (row + 1)
+    with pytest.raises(ValueError, match=r"train\.token_dropout=1\.0"):
+        TrainConfig(token_dropout=1.0)
+
+
 def test_batches_hold_frames_of_one_token_count():
     """With the adaptive budget N varies per frame: a batch never mixes token counts, and each frame
     is drawn once per epoch."""

@@ -70,6 +70,7 @@ __all__ = [
     "default_delta_indices",
     "draw_loss_plot",
     "extract_tokens",
+    "token_cache_folder",
     "train",
 ]
 
@@ -140,6 +141,28 @@ def _data_fingerprint(dataset: LeRobotDataset) -> str:
         path = dataset.data_path(index)
         digest.update(path.read_bytes() if path.is_file() else b"missing")
     return digest.hexdigest()
+
+
+def _cache_key(dataset: LeRobotDataset, cfg) -> tuple[str, dict]:
+    description = {
+        "version": CACHE_VERSION,
+        "dataset": str(Path(dataset.root).resolve()),
+        "episodes": list(dataset.episode_indices),
+        "lengths": list(dataset.episode_lengths),
+        "data": _data_fingerprint(dataset),
+        "pipeline": repr(cfg),
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16], description
+
+
+def token_cache_folder(dataset: LeRobotDataset, pipeline_cfg, cache_dir: str | os.PathLike) -> Path:
+    """The folder :func:`extract_tokens` uses for ``dataset`` and ``pipeline_cfg`` (a
+    :class:`~fovea_vla.core.pipeline.PipelineConfig`) under ``cache_dir``; it may not exist yet.
+
+    An episode's files depend only on its frames and the pipeline, so after appending episodes to a
+    dataset (a DAgger round) the old cache's files of the unchanged episodes can be copied here
+    instead of being computed again."""
+    return Path(cache_dir) / _cache_key(dataset, pipeline_cfg)[0]
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
@@ -235,15 +258,7 @@ def extract_tokens(
         cfg = factory().cfg
     if cfg.encoder is None:
         raise ValueError("extract_tokens needs a pipeline with an encoder (encoder.enabled: true)")
-    description = {
-        "version": CACHE_VERSION,
-        "dataset": str(Path(dataset.root).resolve()),
-        "episodes": list(dataset.episode_indices),
-        "lengths": list(dataset.episode_lengths),
-        "data": _data_fingerprint(dataset),
-        "pipeline": repr(cfg),
-    }
-    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+    key, description = _cache_key(dataset, cfg)
     folder = Path(cache_dir) / key
     folder.mkdir(parents=True, exist_ok=True)
     manifest = folder / "cache.json"
@@ -322,6 +337,9 @@ class TrainConfig:
         aux_weight: > 0 fits an auxiliary output of the head (``ActionHeadConfig.aux_dim``) to the
             dataset's ``observation.environment_state`` at each frame (e.g. where the objects the
             instruction names are) with this weight next to the action loss; 0: none.
+        token_dropout: share of each training frame's image tokens left out at random (the head
+            sees a set of tokens with their positions, so a subset is still a valid input; this
+            keeps it from relying on single tokens); 0: none. Validation uses every token.
     """
 
     width: int = 256
@@ -343,6 +361,7 @@ class TrainConfig:
     device: str = "auto"
     delta_state_indices: tuple[int, ...] | None = None
     aux_weight: float = 0.0
+    token_dropout: float = 0.0
 
     def __post_init__(self):
         for name, top in (
@@ -372,6 +391,7 @@ class TrainConfig:
             ("grad_clip_norm", 0.0, 1e6, True),
             ("val_fraction", 0.0, 0.9, True),
             ("aux_weight", 0.0, 1e3, True),
+            ("token_dropout", 0.0, 0.9, True),
         ):
             value = getattr(self, name)
             ok = is_real(value) and (low <= value if closed_low else low < value) and value <= high
@@ -488,6 +508,7 @@ class _Split:
     frames: np.ndarray  # (F, 2) int64 (position in `episodes`, t)
     counts: np.ndarray  # (F,) tokens per frame
     environment: np.ndarray | None = None  # (F, E) float32 auxiliary targets
+    resident: dict | None = None  # the same on the training device (_Data.make_resident)
 
     def batches(self, batch_size: int, generator: np.random.Generator | None) -> list[np.ndarray]:
         """Sample indices grouped into batches of equal token count; shuffled when a generator is given."""
@@ -597,9 +618,51 @@ class _Data:
             np.concatenate(environment).astype(np.float32) if self.with_environment else None,
         )
 
+    def make_resident(self, device: torch.device, budget_bytes: int) -> bool:
+        """Copy both splits' tokens, positions and labels to ``device`` when their tokens fit in
+        ``budget_bytes``: batches are then gathered there (on a GPU, several times faster than
+        stacking memory-mapped rows on the host every step). Returns whether they were copied."""
+        needed = sum(len(array) * array.shape[1] * 2 for array, _, _ in self._token_arrays.values())
+        if needed > budget_bytes:
+            return False
+        for split in (self.train, self.val):
+            if split is None:
+                continue
+            tokens, positions, starts, start = [], [], [], 0
+            for index in split.episodes:
+                array, places, offsets = self._token_arrays[index]
+                tokens.append(torch.from_numpy(np.ascontiguousarray(array)).to(device))
+                positions.append(torch.from_numpy(places).to(device))
+                starts.append(offsets[:-1] + start)
+                start += int(offsets[-1])
+            split.resident = {
+                "tokens": torch.cat(tokens),
+                "positions": torch.cat(positions),
+                "starts": torch.from_numpy(np.concatenate(starts)).to(device),
+                "task_rows": torch.from_numpy(split.task_rows).to(device),
+                "states": torch.from_numpy(split.states).to(device),
+                "chunks": torch.from_numpy(split.chunks).to(device),
+                "environment": None if split.environment is None else torch.from_numpy(split.environment).to(device),
+            }
+        self.instructions = self.instructions.to(device)
+        return True
+
     def batch(self, split: _Split, members: np.ndarray, device: torch.device):
         """(tokens (B, N, T) float16, positions (B, N, 3), instruction (B, I), state (B, S),
         actions (B, K, A), environment (B, E) or None) on ``device``."""
+        if split.resident is not None:
+            held = split.resident
+            chosen = torch.from_numpy(members).to(device)
+            rows = held["starts"][chosen][:, None] + torch.arange(int(split.counts[members[0]]), device=device)
+            environment = held["environment"]
+            return (
+                held["tokens"][rows],
+                held["positions"][rows],
+                self.instructions[held["task_rows"][chosen]],
+                held["states"][chosen],
+                held["chunks"][chosen],
+                None if environment is None else environment[chosen],
+            )
         rows, places = [], []
         for position, t in split.frames[members]:
             array, positions, offsets = self._token_arrays[split.episodes[position]]
@@ -618,6 +681,17 @@ class _Data:
 
 
 # ------------------------------------------------------------------------------------------ training
+
+
+def _drop_tokens(tokens: torch.Tensor, positions: torch.Tensor, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random subset of each frame's tokens (the same count for every frame), with their positions."""
+    b, n = tokens.shape[:2]
+    keep = max(1, n - round(share * n))
+    chosen = torch.rand(b, n, device=tokens.device).argsort(dim=1)[:, :keep]
+    return (
+        tokens.gather(1, chosen[..., None].expand(-1, -1, tokens.shape[2])),
+        positions.gather(1, chosen[..., None].expand(-1, -1, positions.shape[2])),
+    )
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -759,6 +833,8 @@ def train(
 
     data = _Data(dataset, tokens, text_encoder, cfg)
     device = cfg.resolved_device()
+    if device.type == "cuda":
+        data.make_resident(device, torch.cuda.mem_get_info(device)[0] // 2)
     model = ActionHead.from_config(head_cfg, seed=cfg.seed)
     model.set_normalization(*_normalization(data.train, head_cfg.delta_state_indices, head_cfg.action_dim))
     if head_cfg.aux_dim:
@@ -798,6 +874,8 @@ def train(
         total, count = 0.0, 0
         for members in data.train.batches(cfg.batch_size, generator):
             tokens_b, positions_b, instruction, state, actions, environment = data.batch(data.train, members, device)
+            if cfg.token_dropout > 0:
+                tokens_b, positions_b = _drop_tokens(tokens_b, positions_b, cfg.token_dropout)
             prediction, aux = model.forward_normalized_with_aux(tokens_b, positions_b, instruction, state)
             loss = _loss(prediction, model.targets(actions, state), cfg.loss)
             if aux is not None:
