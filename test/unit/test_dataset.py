@@ -157,6 +157,17 @@ def test_reader_names_missing_files(recorded, tmp_path):
         LeRobotDataset(root)
 
 
+def test_tables_read_without_the_video(recorded, tmp_path):
+    root = copy_of(recorded, tmp_path)
+    dataset = LeRobotDataset(root)
+    dataset.video_path(1).unlink()
+    with pytest.raises(DatasetError, match="missing"):
+        dataset.episode(1)
+    episode = dataset.episode(1, with_frames=False)
+    assert episode.frames is None
+    np.testing.assert_array_equal(episode.actions, recorded[1][1][2].astype(np.float32))
+
+
 def test_reader_refuses_missing_features_and_a_wrong_frame_count(recorded, tmp_path):
     root = copy_of(recorded, tmp_path)
     info_path = root / "meta/info.json"

@@ -501,7 +501,8 @@ class Episode:
     Attributes:
         index: the episode index.
         task: the instruction (the task of its first frame).
-        frames: T camera frames, (H, W, 3) uint8 RGB each, decoded lazily on iteration.
+        frames: T camera frames, (H, W, 3) uint8 RGB each, decoded lazily on iteration (None when
+            read with ``with_frames=False``).
         states: (T, S) float32 robot state per frame.
         actions: (T, A) float32 action per frame (the target one step after the frame).
         environment_states: (T, E) float32 ``observation.environment_state`` per frame, None when
@@ -513,7 +514,7 @@ class Episode:
 
     index: int
     task: str
-    frames: VideoFrames
+    frames: VideoFrames | None
     states: np.ndarray
     actions: np.ndarray
     timestamps: np.ndarray
@@ -732,8 +733,13 @@ class LeRobotDataset:
             episode_chunk=chunk, video_key=self.image_key, episode_index=index
         )
 
-    def episode(self, index: int) -> Episode:
+    def episode(self, index: int, *, with_frames: bool = True) -> Episode:
         """Episode ``index`` (an ``episode_index`` of episodes.jsonl); frames decode on iteration.
+
+        Args:
+            index: the episode.
+            with_frames: False reads the table alone (``frames`` None; the video need not exist,
+                e.g. when its tokens are cached).
 
         Raises:
             KeyError: no such episode.
@@ -748,7 +754,7 @@ class LeRobotDataset:
         if not path.is_file():
             raise DatasetError(f"{path}: missing (episode {index})")
         video = self.video_path(index)
-        if not video.is_file():
+        if with_frames and not video.is_file():
             raise DatasetError(f"{video}: missing (episode {index})")
         try:
             table = pq.read_table(path)
@@ -778,7 +784,7 @@ class LeRobotDataset:
         return Episode(
             index=index,
             task=task,
-            frames=VideoFrames(video, length, self.image_size),
+            frames=VideoFrames(video, length, self.image_size) if with_frames else None,
             states=states,
             actions=actions,
             timestamps=timestamps,

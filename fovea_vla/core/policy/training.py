@@ -585,7 +585,7 @@ class _Data:
         self.tasks: list[str] = []
         episodes = {}
         for index in dataset.episode_indices:
-            episode = dataset.episode(index)
+            episode = dataset.episode(index, with_frames=False)  # the tokens are cached: no video needed
             if episode.task not in self.tasks:
                 self.tasks.append(episode.task)
             episodes[index] = episode
