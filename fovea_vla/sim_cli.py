@@ -222,7 +222,11 @@ def _policy_stack(args):
     from fovea_vla.core.policy.checkpoint import load_policy
     from fovea_vla.core.policy.runner import ActionHeadRunner, RunnerConfig
     from fovea_vla.core.policy.text import SentenceEncoder
-    from fovea_vla.nodes.policy_node import executor_config_from_files, safety_limits_from_files
+    from fovea_vla.nodes.policy_node import (
+        executor_config_from_files,
+        policy_rate_from_files,
+        safety_limits_from_files,
+    )
     from fovea_vla.train_cli import pipeline_config_from_files
 
     model, spec = load_policy(args.policy)
@@ -246,6 +250,7 @@ def _policy_stack(args):
     settings = {
         "limits": safety_limits_from_files(args.config, spec),
         "executor_cfg": executor_config_from_files(args.config),
+        "policy_rate_hz": policy_rate_from_files(args.config),
     }
     return pipeline, runner, spec, text, settings
 

@@ -295,6 +295,11 @@ def safety_limits_from_files(config: str, spec) -> SafetyLimits:
     return safety_limits(values, layout)
 
 
+def policy_rate_from_files(config: str) -> float:
+    """``policy.rate_hz`` policy_node would use with parameter file ``config`` [chunks per second]."""
+    return float(node_values(config, PARAMS, PolicyNode.NODE_NAME)["policy.rate_hz"])
+
+
 def executor_config_from_files(config: str) -> ExecutorConfig:
     """The executor settings policy_node would use with parameter file ``config``."""
     values = node_values(config, PARAMS, PolicyNode.NODE_NAME)

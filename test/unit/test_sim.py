@@ -510,3 +510,12 @@ def test_closed_loop_takes_a_goal_and_reports_every_step_for_labelling(env):
     assert [step for step, *_ in visited] == [0, 1, 2]
     for _, state, command, action in visited:
         assert state.shape == (7,) and command.shape == (7,) and action.shape == (7,) and action[6] == 1.0
+
+    # At policy_node's policy.rate_hz below the simulator's rate a chunk is followed for several steps.
+    predictions = []
+    predict = runner.predict
+    runner.predict = lambda *args: predictions.append(1) or predict(*args)
+    report = run_episode(
+        env, 3, pipeline, runner, spec, ZeroText(), limits=SafetyLimits.unlimited(7), max_steps=7, policy_rate_hz=2.5
+    )
+    assert report.steps == 7 and len(predictions) == 2  # steps 0 and 4 at 10 Hz

@@ -69,6 +69,7 @@ def run_episode(
     overlay: Callable[[np.ndarray, object], np.ndarray] | None = None,
     goal: tuple[str, str] | None = None,
     on_step: Callable[[object, np.ndarray, np.ndarray], None] | None = None,
+    policy_rate_hz: float | None = None,
 ) -> EpisodeReport:
     """Run one episode of ``env`` (a :class:`fovea_vla.core.sim.tabletop.TabletopEnv`) under the policy.
 
@@ -88,6 +89,9 @@ def run_episode(
         on_step: called at every step before the simulator moves, with the observation, the
             (S,) state and the (A,) command about to be sent; e.g. to label the states the policy
             visits with the expert's actions (DAgger).
+        policy_rate_hz: chunks per second (policy_node's ``policy.rate_hz``); None: one per
+            simulator step. At a lower rate than the simulator's the executor follows each chunk
+            for several steps (the frames in between still run through the pipeline).
 
     Returns:
         The :class:`EpisodeReport`.
@@ -102,17 +106,19 @@ def run_episode(
     limit = max_steps or env.cfg.max_steps
     report = EpisodeReport(seed=seed, instruction=env.instruction, success=False, steps=0, time_to_success_s=None)
     ticks_per_step = max(1, round(executor.cfg.control_rate_hz * step_s))
-    for _ in range(limit):
+    steps_per_chunk = 1 if policy_rate_hz is None else max(1, round(env.cfg.control_hz / policy_rate_hz))
+    for step in range(limit):
         start = time.perf_counter()
         now_s = observation.time_s
         frame = Frame(rgb=observation.rgb, stamp_ns=round(now_s * 1e9), frame_id="sim_camera")
         output = pipeline.process(frame)
-        positions = token_positions(output.layout.centers, output.layout.levels, output.width, output.height)
-        head = runner.predict(output.tokens, positions, embedding, state)
-        chunk = Chunk(head.actions, start_s=now_s + spec.step_s, step_s=spec.step_s, stamp_ns=frame.stamp_ns)
-        rejected = executor.add_chunk(chunk, now_s)
-        if rejected:
-            report.rejected_chunks[rejected] = report.rejected_chunks.get(rejected, 0) + 1
+        if step % steps_per_chunk == 0:
+            positions = token_positions(output.layout.centers, output.layout.levels, output.width, output.height)
+            head = runner.predict(output.tokens, positions, embedding, state)
+            chunk = Chunk(head.actions, start_s=now_s + spec.step_s, step_s=spec.step_s, stamp_ns=frame.stamp_ns)
+            rejected = executor.add_chunk(chunk, now_s)
+            if rejected:
+                report.rejected_chunks[rejected] = report.rejected_chunks.get(rejected, 0) + 1
         command = None
         for tick in range(1, ticks_per_step + 1):
             command = executor.step(now_s + tick * step_s / ticks_per_step)
