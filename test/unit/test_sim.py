@@ -455,7 +455,7 @@ def test_closed_loop_takes_a_goal_and_reports_every_step_for_labelling(env):
     from fovea_vla.core.policy.head import ActionHead, ActionHeadConfig
     from fovea_vla.core.policy.runner import ActionHeadRunner, RunnerConfig
     from fovea_vla.core.policy.safety import SafetyLimits
-    from fovea_vla.core.sim.closed_loop import run_episode
+    from fovea_vla.core.sim.closed_loop import run_episode, summarize_episodes
     from fovea_vla.core.texture import TextureConfig
 
     class ZeroText:
@@ -519,3 +519,5 @@ def test_closed_loop_takes_a_goal_and_reports_every_step_for_labelling(env):
         env, 3, pipeline, runner, spec, ZeroText(), limits=SafetyLimits.unlimited(7), max_steps=7, policy_rate_hz=2.5
     )
     assert report.steps == 7 and len(predictions) == 2  # steps 0 and 4 at 10 Hz
+    summary = summarize_episodes([report])
+    assert len(report.encoder_ms) == 7 and summary["encoder_ms_p50"] == pytest.approx(np.median(report.encoder_ms))

@@ -40,6 +40,8 @@ class EpisodeReport:
         steps: control steps run.
         time_to_success_s: simulated time until success, None on failure.
         step_ms: (steps,) wall time of pipeline + head + executor per step [ms].
+        encoder_ms: wall time of the encoder per step that ran it [ms] (the pipeline's
+            ``timing_ms["encoder"]``; steps that reused every token have none).
         frames: rendered RGB frames when recorded (for videos), else empty.
         rejected_chunks: chunks the executor refused, by reason.
     """
@@ -50,6 +52,7 @@ class EpisodeReport:
     steps: int
     time_to_success_s: float | None
     step_ms: list[float] = field(default_factory=list)
+    encoder_ms: list[float] = field(default_factory=list)
     frames: list[np.ndarray] = field(default_factory=list)
     rejected_chunks: dict[str, int] = field(default_factory=dict)
 
@@ -123,6 +126,8 @@ def run_episode(
         for tick in range(1, ticks_per_step + 1):
             command = executor.step(now_s + tick * step_s / ticks_per_step)
         report.step_ms.append((time.perf_counter() - start) * 1e3)
+        if "encoder" in output.timing_ms:
+            report.encoder_ms.append(output.timing_ms["encoder"])
         if record:
             report.frames.append(overlay(observation.rgb, output) if overlay else observation.rgb)
         if on_step is not None:
@@ -139,6 +144,7 @@ def run_episode(
 def summarize_episodes(reports: list[EpisodeReport]) -> dict:
     """Success rate, time to success and step-latency percentiles over episodes."""
     latencies = np.array([ms for r in reports for ms in r.step_ms], dtype=np.float64)
+    encoder = np.array([ms for r in reports for ms in r.encoder_ms], dtype=np.float64)
     times = [r.time_to_success_s for r in reports if r.success]
     return {
         "episodes": len(reports),
@@ -148,6 +154,8 @@ def summarize_episodes(reports: list[EpisodeReport]) -> dict:
         "time_to_success_s_median": float(np.median(times)) if times else None,
         "step_ms_p50": float(np.percentile(latencies, 50)) if latencies.size else None,
         "step_ms_p99": float(np.percentile(latencies, 99)) if latencies.size else None,
+        "encoder_ms_p50": float(np.percentile(encoder, 50)) if encoder.size else None,
+        "encoder_ms_p99": float(np.percentile(encoder, 99)) if encoder.size else None,
         "per_episode": [
             {"seed": r.seed, "success": r.success, "steps": r.steps, "time_to_success_s": r.time_to_success_s}
             for r in reports
