@@ -48,9 +48,13 @@ def scene(positions: dict, arm: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def write_task_dataset(root) -> None:
-    rng = np.random.default_rng(0)
-    with LeRobotWriter(root, fps=10, state_names=NAMES, action_names=NAMES, image_size=SIZE) as writer:
+def write_task_dataset(root, seed: int = 0, with_goal: bool = False) -> None:
+    """The task's episodes; ``with_goal`` also records where the named square is as observation.environment_state."""
+    rng = np.random.default_rng(seed)
+    environment_names = ("goal_u", "goal_v") if with_goal else None
+    with LeRobotWriter(
+        root, fps=10, state_names=NAMES, action_names=NAMES, image_size=SIZE, environment_names=environment_names
+    ) as writer:
         for episode in range(EPISODES):
             positions = {colour: rng.uniform(0.15, 0.85, 2) for colour in COLOURS}
             target = "red" if episode % 2 == 0 else "blue"
@@ -60,7 +64,7 @@ def write_task_dataset(root) -> None:
                 action = state.copy()
                 action[:2] += 0.3 * (goal - state[:2])
                 action[2] = float(np.linalg.norm(goal - state[:2]) < 0.1)
-                writer.add_frame(scene(positions, state), state, action)
+                writer.add_frame(scene(positions, state), state, action, goal if with_goal else None)
                 state = action
             writer.end_episode(f"move to the {target} square", success=True)
 
@@ -351,30 +355,10 @@ def test_cli_trains_from_parameter_files(dataset, tmp_path, capsys):
     assert main([*argv, "--device", "cpu", "--resume"]) == 0
 
 
-def write_task_dataset_with_goal(root) -> None:
-    """The task above, recording where the named square is as observation.environment_state."""
-    rng = np.random.default_rng(1)
-    with LeRobotWriter(
-        root, fps=10, state_names=NAMES, action_names=NAMES, image_size=SIZE, environment_names=("goal_u", "goal_v")
-    ) as writer:
-        for episode in range(EPISODES):
-            positions = {colour: rng.uniform(0.15, 0.85, 2) for colour in COLOURS}
-            target = "red" if episode % 2 == 0 else "blue"
-            goal = positions[target]
-            state = np.array([*rng.uniform(0.1, 0.9, 2), 0.0])
-            for _ in range(FRAMES):
-                action = state.copy()
-                action[:2] += 0.3 * (goal - state[:2])
-                action[2] = float(np.linalg.norm(goal - state[:2]) < 0.1)
-                writer.add_frame(scene(positions, state), state, action, goal)
-                state = action
-            writer.end_episode(f"move to the {target} square", success=True)
-
-
 def test_auxiliary_target_is_fitted_and_stored(tmp_path, text_encoder):
     """With aux_weight the head also learns the environment state (here: where the named square is); the
     checkpoint carries the output and its normalisation, and the action path is unchanged in shape."""
-    write_task_dataset_with_goal(tmp_path / "data")
+    write_task_dataset(tmp_path / "data", seed=1, with_goal=True)
     dataset = LeRobotDataset(tmp_path / "data")
     tokens = extract_tokens(dataset, pipeline_config(), tmp_path / "cache")
     result = train(

@@ -631,7 +631,7 @@ class _Data:
             tokens, positions, starts, start = [], [], [], 0
             for index in split.episodes:
                 array, places, offsets = self._token_arrays[index]
-                tokens.append(torch.from_numpy(np.ascontiguousarray(array)).to(device))
+                tokens.append(torch.from_numpy(np.array(array)).to(device))  # a writable copy of the memory map
                 positions.append(torch.from_numpy(places).to(device))
                 starts.append(offsets[:-1] + start)
                 start += int(offsets[-1])
