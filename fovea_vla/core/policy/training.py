@@ -160,8 +160,8 @@ def token_cache_folder(dataset: LeRobotDataset, pipeline_cfg, cache_dir: str | o
     :class:`~fovea_vla.core.pipeline.PipelineConfig`) under ``cache_dir``; it may not exist yet.
 
     An episode's files depend only on its frames and the pipeline, so after appending episodes to a
-    dataset (a DAgger round) the old cache's files of the unchanged episodes can be copied here
-    instead of being computed again."""
+    dataset (a DAgger round) the old cache's files of the unchanged episodes can be copied or
+    hard-linked here instead of being computed again."""
     return Path(cache_dir) / _cache_key(dataset, pipeline_cfg)[0]
 
 
@@ -337,9 +337,9 @@ class TrainConfig:
         aux_weight: > 0 fits an auxiliary output of the head (``ActionHeadConfig.aux_dim``) to the
             dataset's ``observation.environment_state`` at each frame (e.g. where the objects the
             instruction names are) with this weight next to the action loss; 0: none.
-        token_dropout: share of each training frame's image tokens left out at random (the head
-            sees a set of tokens with their positions, so a subset is still a valid input; this
-            keeps it from relying on single tokens); 0: none. Validation uses every token.
+        token_dropout: share of each training frame's image tokens left out at random, a
+            regulariser (the head sees a set of tokens with their positions, so a subset is still a
+            valid input); 0: none. Validation uses every token.
     """
 
     width: int = 256
