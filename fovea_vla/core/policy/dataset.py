@@ -152,11 +152,10 @@ class _H264Writer:
         self._stream.width, self._stream.height = size
         self._stream.pix_fmt = "yuv420p"
         self._stream.options = {"crf": _VIDEO_CRF, "preset": "fast", "g": str(_VIDEO_GOP)}
+        self._frame_from = av.VideoFrame.from_ndarray
 
     def write(self, rgb: np.ndarray) -> None:
-        import av
-
-        for packet in self._stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+        for packet in self._stream.encode(self._frame_from(rgb, format="rgb24")):
             self._container.mux(packet)
 
     def close(self) -> None:
