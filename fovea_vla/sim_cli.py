@@ -51,19 +51,27 @@ def _environment_state(privileged: dict) -> np.ndarray:
     return np.concatenate([privileged["target_block_position"][:2], privileged["target_square_centre"]])
 
 
-def _expert_episode(env, seed: int, index: int, goal, action_noise: float) -> tuple[list, bool]:
+def _labels(env, observation, plan_horizon: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the expert's action, its plan of ``plan_horizon`` steps or None when 0) for the present state."""
+    from fovea_vla.core.sim.expert import PushExpert, expert_plan
+
+    if plan_horizon:
+        plan = expert_plan(env, observation, plan_horizon)
+        return plan[0], plan
+    return PushExpert(env.task).act(observation, env.privileged()), None
+
+
+def _expert_episode(env, seed: int, index: int, goal, action_noise: float, plan_horizon: int) -> tuple[list, bool]:
     """The scripted expert acts (its commands perturbed by ``action_noise`` when > 0) and labels."""
-    from fovea_vla.core.sim.expert import ActionNoise, PushExpert
+    from fovea_vla.core.sim.expert import ActionNoise
 
     observation = env.reset(seed, goal=goal)
-    expert = PushExpert(env.task)
     noise = ActionNoise(action_noise, env.cfg.control_hz, (seed, index, 2))
     frames = []
     for _ in range(env.cfg.max_steps):
-        privileged = env.privileged()
-        action = expert.act(observation, privileged)
+        action, plan = _labels(env, observation, plan_horizon)
         # The label is the clean command.
-        frames.append((observation.rgb, env.state(), action, _environment_state(privileged)))
+        frames.append((observation.rgb, env.state(), action, _environment_state(env.privileged()), plan))
         observation = env.step(noise(action))
         if env.success():
             break
@@ -74,19 +82,15 @@ def _policy_labeller(args):
     """DAgger: ``episode(env, seed, goal)`` runs the policy in closed loop (as eval-sim does) and labels
     every visited state with the expert's action; returns (frames, policy succeeded)."""
     from fovea_vla.core.sim.closed_loop import run_episode
-    from fovea_vla.core.sim.expert import PushExpert
 
     pipeline, runner, spec, text, settings = _policy_stack(args)
 
     def episode(env, seed: int, goal) -> tuple[list, bool]:
-        frames, expert = [], None
+        frames = []
 
         def label(observation, state, command):
-            nonlocal expert
-            if expert is None:  # run_episode resets the env: the task is known from the first step on
-                expert = PushExpert(env.task)
-            privileged = env.privileged()
-            frames.append((observation.rgb, state, expert.act(observation, privileged), _environment_state(privileged)))
+            action, plan = _labels(env, observation, args.plan_horizon)
+            frames.append((observation.rgb, state, action, _environment_state(env.privileged()), plan))
 
         report = run_episode(env, seed, pipeline, runner, spec, text, **settings, goal=goal, on_step=label)
         return frames, report.success
@@ -107,7 +111,9 @@ class _Recorder:
         if self.policy_episode is not None:
             frames, success = self.policy_episode(self.env, seed, goal)
         else:
-            frames, success = _expert_episode(self.env, seed, index, goal, self.args.action_noise)
+            frames, success = _expert_episode(
+                self.env, seed, index, goal, self.args.action_noise, self.args.plan_horizon
+            )
         return frames, success, self.env.instruction
 
 
@@ -136,6 +142,8 @@ def _cmd_record(args) -> int:
         raise SystemExit(f"record-sim: --instructions-per-layout={args.instructions_per_layout}: must be >= 1")
     if args.workers < 1:
         raise SystemExit(f"record-sim: --workers={args.workers}: must be >= 1")
+    if args.plan_horizon < 0:
+        raise SystemExit(f"record-sim: --plan-horizon={args.plan_horizon}: must be >= 0")
     try:
         width, height = args.image_size
         cfg = TabletopConfig(
@@ -160,6 +168,7 @@ def _cmd_record(args) -> int:
         "max_steps": args.max_steps,
         "keep_failures": args.keep_failures,
         "action_noise_m": args.action_noise,
+        "plan_horizon": args.plan_horizon,
         "start_offset_m": list(args.start_offset),
         "policy": None if args.policy is None else str(Path(args.policy).resolve()),
         "config": args.config if args.policy else None,
@@ -181,6 +190,7 @@ def _cmd_record(args) -> int:
             action_names=names,
             image_size=args.image_size,
             environment_names=ENVIRONMENT_NAMES,
+            plan_horizon=args.plan_horizon or None,
             recording=recording,
             append=args.append,
         ) as writer:
@@ -188,8 +198,8 @@ def _cmd_record(args) -> int:
                 successes += success
                 attempts += 1
                 if success or args.keep_failures or args.policy:
-                    for rgb, state, action, environment in frames:
-                        writer.add_frame(rgb, state, action, environment)
+                    for rgb, state, action, environment, plan in frames:
+                        writer.add_frame(rgb, state, action, environment, plan)
                     writer.end_episode(instruction, success=success, extra={"layout": seed, "actor": actor})
                 print(
                     f"seed {seed}: {actor} {'success' if success else 'failure'} in {len(frames)} steps "
@@ -402,6 +412,14 @@ def add_sim_parsers(sub) -> None:
         default=None,
         help="DAgger: this policy checkpoint acts in closed loop (as in eval-sim, --config's pipeline) and the expert "
         "labels every state it visits; all its episodes are kept (success = the policy's)",
+    )
+    record.add_argument(
+        "--plan-horizon",
+        type=int,
+        default=16,
+        help="steps of the expert's plan stored per frame (action.plan: the expert takes over in a copy of the "
+        "simulation; train uses it as the frame's chunk, so DAgger chunks say where the expert would go, not where "
+        "the policy went); 0: none (chunks from consecutive actions)",
     )
     record.add_argument("--config", default="sim.yaml", help="with --policy: parameter file of the pipeline")
     record.add_argument("--device", default="auto", help="with --policy: action head device")

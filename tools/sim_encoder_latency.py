@@ -1,11 +1,14 @@
 """Encoder latency of the tabletop policy's pipelines: foveated (sim.yaml) against full resolution
 (sim_full_resolution.yaml), one process, the same frames (an episode of the simulated task).
 
-    python tools/sim_encoder_latency.py --video EPISODE.mp4 --device cuda --frames 300
+    python tools/sim_encoder_latency.py --video EPISODE.mp4 --device cuda --frames 300 \
+        [--encoders vit_tiny_patch16:12,vit_base_patch16:12]
 
 Each pipeline runs the episode's frames in a loop (each frame differs from the last, so every frame
 is encoded); the table gives the encoder's wall time per frame (``timing_ms["encoder"]``) and, on a
 GPU, its device time. ``--device`` moves texture and encoder (sim.yaml runs both on the CPU).
+``--encoders`` adds rows for other encoders (ARCHITECTURE:DEPTH, random init, same two token
+layouts): how the ratio grows once the encoder, not the per-frame floor, takes the time.
 """
 
 from __future__ import annotations
@@ -33,13 +36,13 @@ def frames_of(path: str) -> list[np.ndarray]:
         frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
 
 
-def measure(config: str, device: str, frames: list[np.ndarray], count: int) -> dict:
+def measure(config: str, device: str, frames: list[np.ndarray], count: int, encoder: str | None = None) -> dict:
     cfg = pipeline_config_from_files(config)
-    cfg = dataclasses.replace(
-        cfg,
-        texture=dataclasses.replace(cfg.texture, device=device),
-        encoder=dataclasses.replace(cfg.encoder, device=device),
-    )
+    encoder_cfg = dataclasses.replace(cfg.encoder, device=device)
+    if encoder is not None:
+        architecture, depth = encoder.split(":")
+        encoder_cfg = dataclasses.replace(encoder_cfg, architecture=architecture, depth=int(depth), checkpoint=None)
+    cfg = dataclasses.replace(cfg, texture=dataclasses.replace(cfg.texture, device=device), encoder=encoder_cfg)
     pipeline = FoveaPipeline(cfg)
     wall, gpu = [], []
     for i in range(count + 20):
@@ -62,22 +65,29 @@ def main() -> None:
     parser.add_argument("--video", required=True, help="an episode of the tabletop task (e.g. from record-sim)")
     parser.add_argument("--device", default="cpu", help="texture and encoder device: cpu or cuda")
     parser.add_argument("--frames", type=int, default=300)
+    parser.add_argument(
+        "--encoders", default="", help="comma-separated ARCHITECTURE:DEPTH encoders to compare as well (random init)"
+    )
     args = parser.parse_args()
     frames = frames_of(args.video)
     machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"machine: {machine}; torch {torch.__version__}; {len(frames)} frames of {args.video} in a loop")
-    print("| pipeline | tokens | frames encoded | encoder wall p50 ms | p99 ms | GPU p50 ms |")
-    print("|---|---|---|---|---|---|")
-    rows = {name: measure(name, args.device, frames, args.frames) for name in ("sim.yaml", "sim_full_resolution.yaml")}
-    for name, row in rows.items():
-        gpu = "-" if row["gpu_p50"] is None else f"{row['gpu_p50']:.3f}"
-        print(
-            f"| {name} | {row['tokens']} | {row['encoded']} | {row['wall_p50']:.3f} | {row['wall_p99']:.3f} | {gpu} |"
-        )
-    fov, full = rows["sim.yaml"], rows["sim_full_resolution.yaml"]
-    ratio = full["wall_p50"] / fov["wall_p50"]
-    gpu_ratio = "" if fov["gpu_p50"] is None else f", GPU time {full['gpu_p50'] / fov['gpu_p50']:.2f}x"
-    print(f"full resolution / foveated: wall {ratio:.2f}x{gpu_ratio}")
+    print("| encoder | pipeline | tokens | frames encoded | encoder wall p50 ms | p99 ms | GPU p50 ms |")
+    print("|---|---|---|---|---|---|---|")
+    ratios = []
+    for encoder in [None, *filter(None, args.encoders.split(","))]:
+        rows = {}
+        for name in ("sim.yaml", "sim_full_resolution.yaml"):
+            rows[name] = row = measure(name, args.device, frames, args.frames, encoder)
+            gpu = "-" if row["gpu_p50"] is None else f"{row['gpu_p50']:.3f}"
+            print(
+                f"| {encoder or 'as configured'} | {name} | {row['tokens']} | {row['encoded']} | {row['wall_p50']:.3f} "
+                f"| {row['wall_p99']:.3f} | {gpu} |"
+            )
+        fov, full = rows["sim.yaml"], rows["sim_full_resolution.yaml"]
+        gpu_ratio = "" if fov["gpu_p50"] is None else f", GPU time {full['gpu_p50'] / fov['gpu_p50']:.2f}x"
+        ratios.append(f"{encoder or 'as configured'}: wall {full['wall_p50'] / fov['wall_p50']:.2f}x{gpu_ratio}")
+    print("full resolution / foveated: " + "; ".join(ratios))
 
 
 if __name__ == "__main__":

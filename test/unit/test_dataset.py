@@ -317,6 +317,42 @@ def test_environment_state_round_trips_and_is_checked(tmp_path):
         writer.add_frame(make_frame(0, 0, rng), np.zeros(7), np.zeros(7), np.zeros(4))
 
 
+def test_action_plan_round_trips_and_is_checked(tmp_path):
+    """action.plan: a (K, A) chunk per frame, stored as a list of K lists (LeRobot's multi-dimensional
+    feature), read back per frame; with every frame or with none, and appends must agree on K."""
+    kwargs = dict(fps=10, state_names=NAMES, action_names=NAMES, image_size=SIZE)
+    rng = np.random.default_rng(5)
+    written = rng.normal(size=(4, 3, 7))
+    with LeRobotWriter(tmp_path / "plan", **kwargs, plan_horizon=3) as writer:
+        for t, plan in enumerate(written):
+            writer.add_frame(make_frame(t, 0, rng), np.zeros(7), plan[0], plan=plan)
+        with pytest.raises(ValueError, match="plan: give one exactly when the writer has a plan_horizon"):
+            writer.add_frame(make_frame(4, 0, rng), np.zeros(7), np.zeros(7))
+        with pytest.raises(ValueError, match=r"plan must be \(3, 7\)"):
+            writer.add_frame(make_frame(4, 0, rng), np.zeros(7), np.zeros(7), plan=np.zeros((2, 7)))
+        with pytest.raises(ValueError, match="plan holds NaN"):
+            writer.add_frame(make_frame(4, 0, rng), np.zeros(7), np.zeros(7), plan=np.full((3, 7), np.nan))
+        writer.end_episode(TASKS[0])
+    dataset = LeRobotDataset(tmp_path / "plan")
+    assert dataset.plan_horizon == 3
+    assert dataset.info["features"]["action.plan"] == {
+        "dtype": "float32",
+        "shape": [3, 7],
+        "names": ["step", list(NAMES)],
+    }
+    episode = dataset.episode(0)
+    np.testing.assert_array_equal(episode.plans, written.astype(np.float32))
+    np.testing.assert_array_equal(episode.actions, written[:, 0].astype(np.float32))
+    assert LeRobotDataset(tmp_path / "plan").episode(0, with_frames=False).plans.shape == (4, 3, 7)
+    with pytest.raises(ValueError, match=r"append: .* plan_horizon"):
+        LeRobotWriter(tmp_path / "plan", **kwargs, plan_horizon=4, append=True)
+    with pytest.raises(ValueError, match="plan_horizon=0"):
+        LeRobotWriter(tmp_path / "other", **kwargs, plan_horizon=0)
+    with LeRobotWriter(tmp_path / "plain", **kwargs) as writer, pytest.raises(ValueError, match="plan: give one"):
+        writer.add_frame(make_frame(0, 0, rng), np.zeros(7), np.zeros(7), plan=written[0])
+    assert LeRobotDataset(tmp_path / "plain").plan_horizon is None
+
+
 def test_videos_are_h264_and_close_to_the_frames(recorded):
     """The writer's H.264 (crf 23) decodes within a few grey levels of what was recorded."""
     import av

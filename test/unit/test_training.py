@@ -393,6 +393,28 @@ def test_auxiliary_target_is_fitted_and_stored(tmp_path, text_encoder):
         train(plain, plain_tokens, text_encoder, small_config(aux_weight=1.0), tmp_path / "run2", SPEC_FIELDS)
 
 
+def test_plans_are_the_training_chunks(tmp_path, text_encoder):
+    """A dataset with action.plan trains on each frame's plan, not on the actions of the following frames
+    (DAgger: where the expert would go from a visited state, not where the policy went next)."""
+    rng = np.random.default_rng(2)
+    with LeRobotWriter(
+        tmp_path / "data", fps=10, state_names=NAMES, action_names=NAMES, image_size=SIZE, plan_horizon=5
+    ) as writer:
+        for episode in range(2):
+            for t in range(FRAMES):
+                state = np.array([t / FRAMES, episode, 0.0])
+                plan = state + rng.normal(size=(5, 3))
+                writer.add_frame(scene({"red": (0.5, 0.5)}, state), state, plan[0], plan=plan)
+            writer.end_episode("move to the red square", success=True)
+    dataset = LeRobotDataset(tmp_path / "data")
+    tokens = extract_tokens(dataset, pipeline_config(), tmp_path / "cache")
+    data = training_module._Data(dataset, tokens, text_encoder, small_config(val_fraction=0.0))
+    expected = np.concatenate([dataset.episode(i).plans[:, :4] for i in data.train.episodes])
+    np.testing.assert_array_equal(data.train.chunks, expected)
+    with pytest.raises(ValueError, match=r"train\.chunk_size=6: .* plans 5 steps"):
+        training_module._Data(dataset, tokens, text_encoder, small_config(chunk_size=6))
+
+
 def test_extract_tokens_in_parallel_matches_one_process(dataset, tokens, tmp_path):
     """Workers each build their own pipeline per episode, as one process does: the same tokens."""
     parallel = extract_tokens(dataset, pipeline_config(), tmp_path, workers=2)

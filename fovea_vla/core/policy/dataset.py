@@ -73,6 +73,7 @@ __all__ = [
     "DATA_PATH",
     "ENVIRONMENT_KEY",
     "IMAGE_KEY",
+    "PLAN_KEY",
     "VIDEO_PATH",
     "DatasetError",
     "Episode",
@@ -88,6 +89,7 @@ VIDEO_PATH = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_inde
 IMAGE_KEY = "observation.images.front"
 STATE_KEY = "observation.state"
 ENVIRONMENT_KEY = "observation.environment_state"
+PLAN_KEY = "action.plan"
 ACTION_KEY = "action"
 INFO_FILE = "meta/info.json"
 EPISODES_FILE = "meta/episodes.jsonl"
@@ -184,6 +186,9 @@ class LeRobotWriter:
         image_size: (W, H) of the camera frames [px], both even.
         environment_names: E names of ``observation.environment_state`` (every frame then gives
             one), or None to record none.
+        plan_horizon: K > 0: every frame also gives ``action.plan``, the (K, A) actions the
+            labeller would send from this frame on (DAgger: the expert taking over in a copy of the
+            simulation), used as the frame's training chunk; None: record none.
         robot_type: free text (LeRobot's ``robot_type``).
         recording: JSON-serialisable description of how the data was made, written as
             ``recording`` in info.json (None: not written). When appending, it is added to the
@@ -206,6 +211,7 @@ class LeRobotWriter:
         action_names: Sequence[str],
         image_size: tuple[int, int],
         environment_names: Sequence[str] | None = None,
+        plan_horizon: int | None = None,
         robot_type: str = "panda",
         recording: Mapping | None = None,
         append: bool = False,
@@ -220,6 +226,8 @@ class LeRobotWriter:
                 raise ValueError(f"{name}={names!r}: must be a non-empty sequence of non-empty strings")
             if len(set(names)) != len(names):
                 raise ValueError(f"{name}={list(names)!r}: names must be unique")
+        if plan_horizon is not None and not (is_int(plan_horizon) and 1 <= plan_horizon <= 1024):
+            raise ValueError(f"plan_horizon={plan_horizon!r}: must be an integer in [1, 1024] or None")
         if len(image_size) != 2 or not all(is_int(v) and v >= 2 and v % 2 == 0 for v in image_size):
             raise ValueError(f"image_size={image_size!r}: must be (W, H) with even integers >= 2 (yuv420p needs them)")
         self.root = Path(root)
@@ -231,6 +239,7 @@ class LeRobotWriter:
         self.state_names = tuple(state_names)
         self.action_names = tuple(action_names)
         self.environment_names = None if environment_names is None else tuple(environment_names)
+        self.plan_horizon = None if plan_horizon is None else int(plan_horizon)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.robot_type = str(robot_type)
         if recording is not None and not isinstance(recording, Mapping):
@@ -244,6 +253,7 @@ class LeRobotWriter:
         self._states: list[np.ndarray] = []
         self._actions: list[np.ndarray] = []
         self._environment: list[np.ndarray] = []
+        self._plans: list[np.ndarray] = []
         self._image_sums: list[np.ndarray] = []
         self._closed = False
         self._appended: list = []
@@ -255,11 +265,13 @@ class LeRobotWriter:
         """Load the meta files of the dataset at ``root`` to append to it."""
         existing = LeRobotDataset(self.root)
         found = (existing.fps, existing.state_names, existing.action_names, existing.environment_names)
-        found += (existing.image_size,)
-        wanted = (self.fps, self.state_names, self.action_names, self.environment_names, self.image_size)
+        found += (existing.plan_horizon, existing.image_size)
+        wanted = (self.fps, self.state_names, self.action_names, self.environment_names, self.plan_horizon)
+        wanted += (self.image_size,)
         if found != wanted or existing.image_key != IMAGE_KEY:
             raise ValueError(
-                f"append: {self.root} has (fps, state_names, action_names, environment_names, image_size) = "
+                f"append: {self.root} has (fps, state_names, action_names, environment_names, plan_horizon, "
+                "image_size) = "
                 f"{found}, this writer {wanted}"
             )
         self._episodes = _read_jsonl(self.root / EPISODES_FILE)
@@ -289,7 +301,7 @@ class LeRobotWriter:
         video = self.root / VIDEO_PATH.format(episode_chunk=chunk, video_key=IMAGE_KEY, episode_index=index)
         return data, video
 
-    def add_frame(self, rgb: np.ndarray, state, action, environment_state=None) -> None:
+    def add_frame(self, rgb: np.ndarray, state, action, environment_state=None, plan=None) -> None:
         """Append one frame of the current episode.
 
         Args:
@@ -298,10 +310,12 @@ class LeRobotWriter:
             action: (A,) the command sent after observing this frame (the target one step later).
             environment_state: (E,) the scene's state at the capture; required exactly when the
                 writer has ``environment_names``.
+            plan: (K, A) the actions from this frame on (``plan_horizon`` K); required exactly when
+                the writer has a plan horizon.
 
         Raises:
-            ValueError: a wrong shape or dtype, non-finite values, or an environment state given
-                to a writer without environment names (or missing with them).
+            ValueError: a wrong shape or dtype, non-finite values, or an environment state or plan
+                given to a writer without environment names or plan horizon (or missing with them).
             RuntimeError: the writer is closed.
         """
         if self._closed:
@@ -323,11 +337,19 @@ class LeRobotWriter:
         if environment_state is not None:
             environment_state = np.asarray(environment_state, dtype=np.float64).reshape(-1)
             checks.append(("environment_state", environment_state, self.environment_names))
+        if (plan is None) != (self.plan_horizon is None):
+            raise ValueError(f"plan: give one exactly when the writer has a plan_horizon ({self.plan_horizon!r})")
         for name, value, names in checks:
             if value.shape != (len(names),):
                 raise ValueError(f"{name} must have {len(names)} values ({', '.join(names)}), got {value.shape[0]}")
             if not np.isfinite(value).all():
                 raise ValueError(f"{name} holds NaN or inf: {value.tolist()}")
+        if plan is not None:
+            plan = np.asarray(plan, dtype=np.float64)
+            if plan.shape != (self.plan_horizon, len(self.action_names)):
+                raise ValueError(f"plan must be ({self.plan_horizon}, {len(self.action_names)}), got {plan.shape}")
+            if not np.isfinite(plan).all():
+                raise ValueError("plan holds NaN or inf")
         if self._video is None:
             _, video_path = self._paths(len(self._episodes))
             video_path.parent.mkdir(parents=True, exist_ok=True)
@@ -337,6 +359,8 @@ class LeRobotWriter:
         self._actions.append(action.astype(np.float32))
         if environment_state is not None:
             self._environment.append(environment_state.astype(np.float32))
+        if plan is not None:
+            self._plans.append(plan.astype(np.float32))
         if len(self._states) <= _STATS_IMAGE_SAMPLES:
             self._image_sums.append(rgb[::4, ::4].reshape(-1, 3).astype(np.float32) / 255.0)
 
@@ -393,6 +417,11 @@ class LeRobotWriter:
             columns[ENVIRONMENT_KEY] = pa.FixedSizeListArray.from_arrays(
                 pa.array(environment.reshape(-1), pa.float32()), environment.shape[1]
             )
+        if self._plans:
+            # A list of K rows of A values: LeRobot's layout for a multi-dimensional feature.
+            plans = np.stack(self._plans)
+            rows = pa.FixedSizeListArray.from_arrays(pa.array(plans.reshape(-1), pa.float32()), plans.shape[2])
+            columns[PLAN_KEY] = pa.FixedSizeListArray.from_arrays(rows, plans.shape[1])
         features = self._features()
         table = pa.table(columns).replace_schema_metadata(
             {"huggingface": json.dumps({"info": {"features": _hf_features(features)}})}
@@ -414,7 +443,7 @@ class LeRobotWriter:
         self._episode_stats.append({"episode_index": index, "stats": stats})
         self._episodes.append({"episode_index": index, "tasks": [task], "length": length, "success": success} | extra)
         self._total_frames += length
-        self._states, self._actions, self._environment, self._image_sums = [], [], [], []
+        self._states, self._actions, self._environment, self._plans, self._image_sums = [], [], [], [], []
         self._write_meta()
         return index
 
@@ -444,6 +473,12 @@ class LeRobotWriter:
                 "dtype": "float32",
                 "shape": [len(self.environment_names)],
                 "names": list(self.environment_names),
+            }
+        if self.plan_horizon is not None:
+            features[PLAN_KEY] = {
+                "dtype": "float32",
+                "shape": [self.plan_horizon, len(self.action_names)],
+                "names": ["step", list(self.action_names)],
             }
         for name, dtype in _SCALARS.items():
             features[name] = {"dtype": dtype, "shape": [1], "names": None}
@@ -489,7 +524,7 @@ class LeRobotWriter:
             self._video.close()
             self._video.path.unlink(missing_ok=True)
             self._video = None
-        self._states, self._actions, self._environment, self._image_sums = [], [], [], []
+        self._states, self._actions, self._environment, self._plans, self._image_sums = [], [], [], [], []
         self._write_meta()
 
 
@@ -506,6 +541,7 @@ class Episode:
         actions: (T, A) float32 action per frame (the target one step after the frame).
         environment_states: (T, E) float32 ``observation.environment_state`` per frame, None when
             the dataset has none.
+        plans: (T, K, A) float32 ``action.plan`` per frame, None when the dataset has none.
         timestamps: (T,) float64 time of each frame from the episode start [s].
         success: whether the episode reached its goal, None when unknown.
         extra: the episode's further keys in episodes.jsonl (e.g. ``layout``), empty when none.
@@ -520,6 +556,7 @@ class Episode:
     success: bool | None
     extra: dict = field(default_factory=dict)
     environment_states: np.ndarray | None = None
+    plans: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.states)
@@ -597,16 +634,21 @@ def _feature_names(feature: dict, key: str, where: Path) -> tuple[str, ...]:
 
 
 def _column_matrix(table, name: str, width: int, where: Path) -> np.ndarray:
-    """(T, width) float32 from a fixed-size or variable list column."""
+    """(T, width) float32 from a fixed-size or variable list column (lists of lists flattened, row-major)."""
     import pyarrow as pa
 
     if name not in table.column_names:
         raise DatasetError(f"{where}: no column {name!r} (columns: {', '.join(table.column_names)})")
     column = table.column(name).combine_chunks()
-    if pa.types.is_fixed_size_list(column.type) or pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-        values = np.array(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)  # writable
-    else:
+
+    def is_list(kind) -> bool:
+        return pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind) or pa.types.is_large_list(kind)
+
+    if not is_list(column.type):
         raise DatasetError(f"{where}: column {name!r} is {column.type}, expected a list of floats")
+    while is_list(column.type):
+        column = column.flatten()
+    values = np.array(column.to_numpy(zero_copy_only=False), dtype=np.float32)  # writable
     if values.size != len(table) * width:
         raise DatasetError(f"{where}: column {name!r} holds {values.size} values, expected {len(table)} x {width}")
     return values.reshape(len(table), width)
@@ -626,6 +668,7 @@ class LeRobotDataset:
         state_names: S names of ``observation.state``.
         action_names: A names of ``action``.
         environment_names: E names of ``observation.environment_state``, None when the dataset has none.
+        plan_horizon: K of ``action.plan`` (K, A), None when the dataset has none.
         image_key: the camera read into :attr:`Episode.frames`.
         image_size: (W, H) of its frames [px].
         tasks: the task texts by task index.
@@ -684,6 +727,16 @@ class LeRobotDataset:
         self.environment_names = None
         if ENVIRONMENT_KEY in features:
             self.environment_names = _feature_names(features[ENVIRONMENT_KEY], ENVIRONMENT_KEY, info_path)
+        self.plan_horizon = None
+        if PLAN_KEY in features:
+            shape = features[PLAN_KEY].get("shape")
+            if not (
+                isinstance(shape, list) and len(shape) == 2 and shape[1] == len(self.action_names) and shape[0] > 0
+            ):
+                raise DatasetError(
+                    f"{info_path}: features.{PLAN_KEY}.shape={shape!r}, expected [K, {len(self.action_names)}]"
+                )
+            self.plan_horizon = int(shape[0])
         self.chunks_size = int(info.get("chunks_size", CHUNKS_SIZE))
         tasks = _read_jsonl(self.root / TASKS_FILE)
         try:
@@ -767,6 +820,10 @@ class LeRobotDataset:
         environment = None
         if self.environment_names is not None:
             environment = _column_matrix(table, ENVIRONMENT_KEY, len(self.environment_names), path)
+        plans = None
+        if self.plan_horizon is not None:
+            width = self.plan_horizon * len(self.action_names)
+            plans = _column_matrix(table, PLAN_KEY, width, path).reshape(length, self.plan_horizon, -1)
         if "timestamp" in table.column_names:
             timestamps = np.array(table.column("timestamp").to_numpy(), dtype=np.float64)
         else:
@@ -790,6 +847,7 @@ class LeRobotDataset:
             success=None if success is None else bool(success),
             extra=self.episode_extra(index),
             environment_states=environment,
+            plans=plans,
         )
 
     def __len__(self) -> int:

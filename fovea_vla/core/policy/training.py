@@ -570,6 +570,11 @@ class _Data:
             raise ValueError(
                 f"the token cache {tokens.folder} was extracted from other episodes than {dataset.root} holds"
             )
+        if dataset.plan_horizon is not None and dataset.plan_horizon < cfg.chunk_size:
+            raise ValueError(
+                f"train.chunk_size={cfg.chunk_size!r}: {dataset.root} plans {dataset.plan_horizon} steps per frame "
+                "(action.plan); train chunks of at most that"
+            )
         self.tokens = tokens
         self.with_environment = cfg.aux_weight > 0
         if self.with_environment and dataset.environment_names is None:
@@ -604,7 +609,9 @@ class _Data:
             states.append(episode.states)
             if self.with_environment:
                 environment.append(episode.environment_states)
-            chunks.append(_chunks(episode.actions, chunk_size))
+            chunks.append(
+                _chunks(episode.actions, chunk_size) if episode.plans is None else episode.plans[:, :chunk_size]
+            )
             rows.append(np.full(length, self.tasks.index(episode.task)))
             frames.append(np.stack([np.full(length, position), np.arange(length)], axis=1))
             counts.append(np.diff(self._token_arrays[index][2]))

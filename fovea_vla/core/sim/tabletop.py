@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -780,13 +781,15 @@ class TabletopEnv:
         self._step = 0
         return self._observe()
 
-    def step(self, action: np.ndarray) -> Observation:
+    def step(self, action: np.ndarray, *, render: bool | None = None) -> Observation:
         """Command a tool target and advance the simulation by one control period.
 
         Args:
             action: (7,) absolute tool target in the base frame: x, y, z [m] (clipped to the
                 workspace box), roll, pitch, yaw [rad] (tool frame, R = Rz Ry Rx), gripper in
                 [0, 1] (clipped; 0 open, 1 closed).
+            render: whether the observation carries an image; None: ``cfg.render`` (False, e.g.
+                when simulating ahead in :meth:`lookahead`).
 
         Returns:
             The observation after ``240 / control_hz`` physics steps.
@@ -810,7 +813,30 @@ class TabletopEnv:
         for _ in range(self.cfg.substeps):
             p.stepSimulation(physicsClientId=c)
         self._step += 1
-        return self._observe()
+        return self._observe(render)
+
+    @contextlib.contextmanager
+    def lookahead(self) -> Iterator[None]:
+        """Steps taken inside the ``with`` block are undone at its end: the physics (PyBullet's
+        ``saveState`` / ``restoreState``, contacts included) and the step count are put back, so
+        the episode then continues as if they had not been taken (e.g. to label a state with what
+        the expert would do from it, :func:`fovea_vla.core.sim.expert.expert_plan`): the restored
+        state is identical, the continuation agrees to PyBullet's round-off (~1e-8 m a step, which
+        contacts may amplify over many steps like any other round-off).
+
+        Raises:
+            RuntimeError: :meth:`reset` was not called.
+        """
+        if self._task is None:
+            raise RuntimeError("TabletopEnv: call reset(seed) first")
+        p, c = self._p, self._client
+        saved, step = p.saveState(physicsClientId=c), self._step
+        try:
+            yield
+        finally:
+            p.restoreState(stateId=saved, physicsClientId=c)
+            p.removeState(saved, physicsClientId=c)
+            self._step = step
 
     def success(self) -> bool:
         """Whether the chosen block's centre lies inside the chosen square (xy) and the block rests on the table.
@@ -989,11 +1015,11 @@ class TabletopEnv:
             yaws.append(self._p.getEulerFromQuaternion(orientation)[2])
         return np.array(positions, np.float64), np.array(yaws, np.float64)
 
-    def _observe(self) -> Observation:
+    def _observe(self, render: bool | None = None) -> Observation:
         states = self._p.getJointStates(self._robot, _ARM_JOINTS, physicsClientId=self._client)
         fingers = self._fingers()
         return Observation(
-            rgb=self.render() if self.cfg.render else _NO_IMAGE,
+            rgb=self.render() if (self.cfg.render if render is None else render) else _NO_IMAGE,
             ee_pose=self._ee_pose(),
             gripper=float(np.clip(1.0 - fingers.sum() / (2 * _FINGER_OPEN_M), 0.0, 1.0)),
             joint_positions=np.array([s[0] for s in states], np.float64),
