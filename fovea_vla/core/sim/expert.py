@@ -66,10 +66,10 @@ class PushExpertConfig:
 
     Attributes:
         max_lead: a command lies at most this far [m] from the measured tool position (with the
-            arm's tracking, this sets the speed: about 15 cm/s at 2 cm and 10 Hz).
+            arm's tracking, this sets the speed).
         safe_height: tool height [m] for travel above the blocks.
-        rise_height: below this tool height [m] (and away from the pre-push point) the tool first
-            goes straight up; above it, it travels (the closed fingertips clear the blocks).
+        rise_height: below this tool height [m] (and outside the zone behind the block) the tool
+            first goes straight up; above it, it travels (the closed fingertips clear the blocks).
         push_height: tool height [m] while pushing (the closed fingertips are ~1 cm lower).
         pre_push_distance: distance [m] of the pre-push point behind the block's centre.
         push_depth: the push target lies this far [m] behind the block's centre, inside the block
