@@ -58,7 +58,7 @@ def _labels(env, observation, plan_horizon: int) -> tuple[np.ndarray, np.ndarray
     if plan_horizon:
         plan = expert_plan(env, observation, plan_horizon)
         return plan[0], plan
-    return PushExpert(env.task).act(observation, env.privileged()), None
+    return PushExpert().act(observation, env.privileged()), None
 
 
 def _expert_episode(env, seed: int, index: int, goal, action_noise: float, plan_horizon: int) -> tuple[list, bool]:

@@ -339,12 +339,12 @@ def test_expert_is_a_function_of_the_present_state(blind_env):
     """A fresh expert labels every state of an episode as the one that acted did: one state, one label
     (what behaviour cloning and DAgger relabelling need)."""
     obs = blind_env.reset(5)
-    acting = PushExpert(blind_env)
+    acting = PushExpert()
     phases = set()
     for _ in range(60):
         action = acting.act(obs, blind_env.privileged())
         phases.add(acting.phase)
-        np.testing.assert_array_equal(PushExpert(blind_env.task).act(obs, blind_env.privileged()), action)
+        np.testing.assert_array_equal(PushExpert().act(obs, blind_env.privileged()), action)
         obs = blind_env.step(action)
     assert {"approach", "descend", "push"} <= phases
 
@@ -353,7 +353,7 @@ def test_lookahead_undoes_steps_and_expert_plan_is_the_experts_future(blind_env)
     from fovea_vla.core.sim.expert import expert_plan
 
     obs = blind_env.reset(2)
-    expert = PushExpert(blind_env)
+    expert = PushExpert()
     for _ in range(5):
         obs = blind_env.step(expert.act(obs, blind_env.privileged()))
     state, blocks, step = blind_env.state(), blind_env.privileged()["block_positions"], obs.step
@@ -410,7 +410,7 @@ def test_rendering_does_not_change_the_physics(env, blind_env):
 def test_expert_success_rate_and_hold_after_success(blind_env):
     assert expert_success_rate([0, 1]) == 1.0
     result = run_expert(blind_env, 1)
-    expert = PushExpert(blind_env.task)
+    expert = PushExpert()
     obs = blind_env.step(np.r_[result.states[-1, :6], 1.0])
     action = expert.act(obs, blind_env.privileged())
     assert expert.phase == "done"
@@ -534,12 +534,10 @@ def test_closed_loop_takes_a_goal_and_reports_every_step_for_labelling(env):
     )
     runner = ActionHeadRunner(ActionHead.from_config(head), RunnerConfig(device="cpu"))
     goal = feasible_goals(env.cfg, 3)[1]
-    visited, experts = [], []
+    visited, expert = [], PushExpert()
 
     def label(observation, state, command):
-        if not experts:
-            experts.append(PushExpert(env.task))
-        visited.append((observation.step, state, command, experts[0].act(observation, env.privileged())))
+        visited.append((observation.step, state, command, expert.act(observation, env.privileged())))
 
     report = run_episode(
         env,

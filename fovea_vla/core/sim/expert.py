@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fovea_vla.core._validation import is_int, is_real
-from fovea_vla.core.sim.tabletop import Observation, TabletopConfig, TabletopEnv, Task
+from fovea_vla.core.sim.tabletop import Observation, TabletopConfig, TabletopEnv
 
 __all__ = [
     "PHASES",
@@ -132,23 +132,16 @@ class PushExpertConfig:
 class PushExpert:
     """Scripted pusher: a function of the current observation and privileged state.
 
-    It keeps no memory between steps (:attr:`phase` only reports the last rule applied), so one
-    instance serves any number of episodes and a copy labels any state.
+    It keeps no memory between steps (:attr:`phase` only reports the last rule applied) and reads
+    the task from the privileged state, so one instance serves any number of episodes and a fresh
+    one labels any state.
 
     Args:
-        task: the episode's task (``env.task``, after the reset) or the environment itself.
         cfg: expert parameters.
     """
 
-    def __init__(self, task: Task | TabletopEnv, cfg: PushExpertConfig | None = None):
-        self.task = task.task if isinstance(task, TabletopEnv) else task
+    def __init__(self, cfg: PushExpertConfig | None = None):
         self.cfg = cfg or PushExpertConfig()
-        self.phase = "approach"
-
-    def reset(self, task: Task | None = None) -> None:
-        """Start a new episode (optionally with a new task)."""
-        if task is not None:
-            self.task = task
         self.phase = "approach"
 
     def act(self, obs: Observation, privileged: dict) -> np.ndarray:
@@ -292,7 +285,7 @@ def run_expert(
     """
     limit = env.cfg.max_steps if max_steps is None else int(max_steps)
     obs = env.reset(seed, goal=goal)
-    expert = PushExpert(env, cfg)
+    expert = PushExpert(cfg)
     states, actions, phases = [env.state()], [], []
     success = env.success()
     while not success and len(actions) < limit:
@@ -338,7 +331,7 @@ def expert_plan(
     """
     if not is_int(horizon) or horizon < 1:
         raise ValueError(f"horizon={horizon!r}: must be an integer >= 1")
-    expert = PushExpert(env, cfg)
+    expert = PushExpert(cfg)
     actions = []
     with env.lookahead():
         for step in range(horizon):
