@@ -1,13 +1,21 @@
-"""``fovea-vla policy init|info|embed``: an untrained checkpoint for wiring tests, a description, an
-instruction-embedding table."""
+"""``fovea-vla policy init|info|embed|ensemble``: an untrained checkpoint for wiring tests, a description,
+an instruction-embedding table, several trained checkpoints made into one that averages their chunks."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from fovea_vla.core.encoder import ARCHITECTURES
-from fovea_vla.core.policy.checkpoint import ACTION_SPACES, PolicySpec, read_spec, save_policy
-from fovea_vla.core.policy.head import ActionHead, ActionHeadConfig
+from fovea_vla.core.policy.checkpoint import (
+    ACTION_SPACES,
+    CheckpointError,
+    PolicySpec,
+    load_policy,
+    read_spec,
+    save_policy,
+)
+from fovea_vla.core.policy.head import ActionHead, ActionHeadConfig, ActionHeadEnsemble
 from fovea_vla.core.policy.spaces import PANDA_JOINTS, space_names
 from fovea_vla.core.policy.text import DEFAULT_MODEL_NAME
 
@@ -24,7 +32,8 @@ def describe(spec: PolicySpec) -> str:
         f"every {spec.step_s:g} s\n"
         f"head: width {head.width}, depth {head.depth}, heads {head.num_heads}, tokens of {head.token_dim} "
         f"from {spec.encoder_architecture}, instruction {spec.text_encoder} ({head.instruction_dim}-d)\n"
-        f"{'trained' if spec.trained else 'UNTRAINED (random weights: wiring tests only)'}; provenance "
+        + (f"ensemble of {spec.ensemble_size} heads (chunks averaged)\n" if spec.ensemble_size > 1 else "")
+        + f"{'trained' if spec.trained else 'UNTRAINED (random weights: wiring tests only)'}; provenance "
         f"{spec.provenance or '-'}"
     )
 
@@ -80,6 +89,51 @@ def _cmd_embed(args) -> int:
     return 0
 
 
+def _cmd_ensemble(args) -> int:
+    if len(args.checkpoints) < 2:
+        raise SystemExit(f"policy ensemble: {len(args.checkpoints)} checkpoint(s) given; an ensemble needs at least 2")
+    heads, specs = [], []
+    for path in args.checkpoints:
+        model, spec = load_policy(path)
+        heads.extend(model.members if isinstance(model, ActionHeadEnsemble) else [model])
+        specs.append(spec)
+    # Members must read the same tokens and state and mean the same actions: everything but the
+    # provenance (and the member count) agrees.
+    for path, spec in zip(args.checkpoints[1:], specs[1:], strict=True):
+        for name in (
+            "head",
+            "action_space",
+            "action_names",
+            "state_names",
+            "step_s",
+            "encoder_architecture",
+            "text_encoder",
+            "trained",
+        ):
+            if getattr(spec, name) != getattr(specs[0], name):
+                raise CheckpointError(
+                    f"policy ensemble: {path} has {name}={getattr(spec, name)!r}, "
+                    f"{args.checkpoints[0]} has {getattr(specs[0], name)!r}"
+                )
+    # The encoder depth the tokens came from (eval-sim and record-sim check it) must agree too.
+    depths = {spec.provenance.get("encoder_depth") for spec in specs}
+    if len(depths) > 1:
+        raise CheckpointError(
+            f"policy ensemble: the members were trained on tokens of different encoder depths {depths}"
+        )
+    provenance = {
+        "made_by": "fovea-vla policy ensemble",
+        **({"encoder_depth": depths.pop()} if None not in depths else {}),
+        "members": [
+            {"checkpoint": str(path), **spec.provenance} for path, spec in zip(args.checkpoints, specs, strict=True)
+        ],
+    }
+    spec = dataclasses.replace(specs[0], provenance=provenance, ensemble_size=len(heads))
+    save_policy(args.out, ActionHeadEnsemble(heads), spec)
+    print(f"wrote {args.out}\n{describe(spec)}")
+    return 0
+
+
 def add_policy_parser(sub) -> None:
     policy = sub.add_parser("policy", help="policy checkpoints: write an untrained one, describe one")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
@@ -113,3 +167,11 @@ def add_policy_parser(sub) -> None:
     embed.add_argument("--model", default="", help="sentence-transformers folder; empty = the bundled model")
     embed.add_argument("instructions", nargs="+", help="the instructions, exactly as they will be given")
     embed.set_defaults(func=_cmd_embed)
+    ensemble = policy_sub.add_parser(
+        "ensemble",
+        help="one checkpoint whose chunk is the mean of several trained ones (same architecture, data layout "
+        "and encoder; e.g. the same training with other --seed values)",
+    )
+    ensemble.add_argument("--out", required=True, help="checkpoint folder to write")
+    ensemble.add_argument("checkpoints", nargs="+", help="checkpoint folders (an ensemble's members are taken apart)")
+    ensemble.set_defaults(func=_cmd_ensemble)

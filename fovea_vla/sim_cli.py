@@ -5,6 +5,7 @@ task, in process or over ROS."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -120,15 +121,19 @@ class _Recorder:
 _worker_recorder: _Recorder | None = None
 
 
-def _start_worker(args) -> None:
-    global _worker_recorder
+def _start_worker() -> None:
     import torch
 
     torch.set_num_threads(1)  # one core per worker
-    _worker_recorder = _Recorder(args)
 
 
-def _record_in_worker(job) -> tuple[list, bool, str]:
+def _record_in_worker(args, job) -> tuple[list, bool, str]:
+    # Built by the first job, not by the pool's initializer: an error there (a missing config or
+    # checkpoint) then reaches the parent and ends the command; a failing initializer makes the pool
+    # respawn workers forever.
+    global _worker_recorder
+    if _worker_recorder is None:
+        _worker_recorder = _Recorder(args)
     return _worker_recorder(job)
 
 
@@ -180,8 +185,8 @@ def _cmd_record(args) -> int:
     else:
         # Episodes are simulated in parallel and written here in job order: the dataset does not
         # depend on the number of workers.
-        pool = multiprocessing.get_context("spawn").Pool(args.workers, _start_worker, (args,))
-        episodes = pool.imap(_record_in_worker, jobs)
+        pool = multiprocessing.get_context("spawn").Pool(args.workers, _start_worker)
+        episodes = pool.imap(functools.partial(_record_in_worker, args), jobs)
     try:
         with LeRobotWriter(
             args.out,

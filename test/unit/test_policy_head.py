@@ -16,7 +16,7 @@ from fovea_vla.core.policy.checkpoint import (
     read_spec,
     save_policy,
 )
-from fovea_vla.core.policy.head import ActionHead, ActionHeadConfig
+from fovea_vla.core.policy.head import ActionHead, ActionHeadConfig, ActionHeadEnsemble
 from fovea_vla.core.policy.runner import ActionHeadRunner, RunnerConfig
 
 HEAD = ActionHeadConfig(
@@ -165,6 +165,60 @@ def test_save_load_round_trip(tmp_path):
     assert document["schema_version"] == SCHEMA_VERSION and document["format"] == "fovea_vla.policy"
 
 
+def test_ensemble_averages_its_members_chunks_and_round_trips(tmp_path):
+    """An ensemble's chunk is the mean of its members' chunks in robot units (each member has its own
+    normalisation); it saves with ensemble_size and loads back bit-identical, also through the runner."""
+    members = [make_model(seed=3), make_model(seed=4), make_model(seed=5)]
+    ensemble = ActionHeadEnsemble(members).eval()
+    batch = inputs(n_tokens=11)
+    chunks = [member(*batch) for member in members]
+    assert not torch.allclose(chunks[0], chunks[1])
+    torch.testing.assert_close(ensemble(*batch), (chunks[0] + chunks[1] + chunks[2]) / 3)
+    assert ensemble.cfg == HEAD
+    save_policy(tmp_path / "ckpt", ensemble, make_spec(ensemble_size=3))
+    loaded, spec = load_policy(tmp_path / "ckpt")
+    assert isinstance(loaded, ActionHeadEnsemble) and spec.ensemble_size == 3
+    torch.testing.assert_close(loaded(*batch), ensemble(*batch), rtol=0, atol=0)
+    runner = ActionHeadRunner(loaded, RunnerConfig(device="cpu"))
+    out = runner.predict(batch[0][0], batch[1][0].numpy(), batch[2][0].numpy(), batch[3][0].numpy())
+    np.testing.assert_allclose(out.actions, ensemble(*batch)[0].detach().double().numpy(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(CheckpointError, match="3 head"):
+        save_policy(tmp_path / "other", ensemble, make_spec())
+    with pytest.raises(ValueError, match="at least 2"):
+        ActionHeadEnsemble([make_model()])
+    fields = {**HEAD.to_dict(), "delta_state_indices": HEAD.delta_state_indices}
+    wider = ActionHead.from_config(ActionHeadConfig(**{**fields, "width": 32}), seed=0)
+    with pytest.raises(ValueError, match="member 1 has config"):
+        ActionHeadEnsemble([make_model(), wider])
+    with pytest.raises(ValueError, match="ensemble_size=0"):
+        make_spec(ensemble_size=0)
+
+
+def test_policy_ensemble_command_combines_checkpoints_and_refuses_mismatches(tmp_path, capsys):
+    from fovea_vla.cli import main
+
+    save_policy(tmp_path / "a", make_model(seed=3), make_spec(trained=True, provenance={"seed": 0, "encoder_depth": 1}))
+    save_policy(tmp_path / "b", make_model(seed=4), make_spec(trained=True, provenance={"seed": 1, "encoder_depth": 1}))
+    assert main(["policy", "ensemble", "--out", str(tmp_path / "ab"), str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "ensemble of 2 heads" in capsys.readouterr().out
+    model, spec = load_policy(tmp_path / "ab")
+    assert spec.ensemble_size == 2 and [m["seed"] for m in spec.provenance["members"]] == [0, 1]
+    assert spec.provenance["encoder_depth"] == 1
+    batch = inputs()
+    torch.testing.assert_close(model(*batch), (make_model(seed=3)(*batch) + make_model(seed=4)(*batch)) / 2)
+    # an ensemble given as a member contributes its heads
+    assert main(["policy", "ensemble", "--out", str(tmp_path / "abb"), str(tmp_path / "ab"), str(tmp_path / "b")]) == 0
+    assert load_policy(tmp_path / "abb")[1].ensemble_size == 3
+    save_policy(tmp_path / "c", make_model(), make_spec(trained=True, step_s=0.2))
+    with pytest.raises(CheckpointError, match=r"has step_s=0\.2"):
+        main(["policy", "ensemble", "--out", str(tmp_path / "ac"), str(tmp_path / "a"), str(tmp_path / "c")])
+    with pytest.raises(SystemExit, match="at least 2"):
+        main(["policy", "ensemble", "--out", str(tmp_path / "one"), str(tmp_path / "a")])
+    save_policy(tmp_path / "d", make_model(), make_spec(trained=True, provenance={"encoder_depth": 12}))
+    with pytest.raises(CheckpointError, match="different encoder depths"):
+        main(["policy", "ensemble", "--out", str(tmp_path / "ad"), str(tmp_path / "a"), str(tmp_path / "d")])
+
+
 def test_mismatched_weights_are_refused_with_the_tensor_named(tmp_path):
     save_policy(tmp_path / "ckpt", make_model(), make_spec())
     config = tmp_path / "ckpt" / "config.json"
@@ -287,3 +341,14 @@ def test_runner_cuda_graphs_match_eager_fp32_and_fp16():
     scale = np.abs(reference).max()
     assert np.abs(half - reference).max() <= 2e-2 * scale
     assert graphs32.graph_token_counts == [273]
+    # an ensemble is captured and replayed as one module, in fp16 too (normalisation stays float32)
+    ensemble_reference = ActionHeadEnsemble([make_model(3), make_model(4)])(tokens, positions, instruction, state)
+    for dtype in ("float32", "float16"):
+        runner = ActionHeadRunner(
+            ActionHeadEnsemble([make_model(3), make_model(4)]), RunnerConfig(device="cuda", dtype=dtype)
+        )
+        for _ in range(2):
+            out = runner.predict(cuda_tokens, *args)
+            assert out.graph
+        tolerance = 1e-4 if dtype == "float32" else 2e-2 * scale
+        np.testing.assert_allclose(out.actions, ensemble_reference[0].detach().double().numpy(), atol=tolerance)

@@ -490,6 +490,18 @@ def test_record_sim_with_workers_writes_the_same_dataset(pybullet, tmp_path, cap
         main([*argv, "--out", str(tmp_path / "three"), "--workers", "0"])
 
 
+def test_record_sim_workers_report_a_policy_setup_error(pybullet, tmp_path):
+    """A DAgger recording whose policy folder holds no checkpoint ends with the error (a worker that fails
+    while setting up must not leave the pool respawning workers forever)."""
+    pytest.importorskip("pyarrow")
+    from fovea_vla.cli import main
+    from fovea_vla.core.policy.checkpoint import CheckpointError
+
+    argv = ["record-sim", "--episodes", "2", "--seed", "4", "--image-size", "64x48", "--workers", "2"]
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
+        main([*argv, "--out", str(tmp_path / "dagger"), "--policy", str(tmp_path)])
+
+
 # ------------------------------------------------------------------------------ closed loop (DAgger)
 def test_closed_loop_takes_a_goal_and_reports_every_step_for_labelling(env):
     """run_episode with another goal of the layout, an untrained head on a tiny random encoder, and an

@@ -13,8 +13,14 @@
       "encoder": {"architecture": "vit_tiny_patch16", "embed_dim": 192},
       "text_encoder": {"name": "all-MiniLM-L6-v2", "dim": 384},
       "trained": false,
-      "provenance": {...free-form: command, data, seed, steps...}
+      "provenance": {...free-form: command, data, seed, steps...},
+      "ensemble_size": 1
     }
+
+With ``ensemble_size`` M > 1 the weights hold M heads of the same architecture (tensor names
+``members.{i}.<name>``) whose chunks are averaged (:class:`~fovea_vla.core.policy.head.ActionHeadEnsemble`;
+``fovea-vla policy ensemble`` makes one from separately trained checkpoints). A config without the
+field is a single head.
 
 Loading refuses, with the field and both values in the message, a different format or a newer
 schema, a weights file whose tensor names or shapes differ from what the config describes, and
@@ -32,8 +38,8 @@ from pathlib import Path
 
 import torch
 
-from fovea_vla.core._validation import is_real
-from fovea_vla.core.policy.head import ActionHead, ActionHeadConfig
+from fovea_vla.core._validation import is_int, is_real
+from fovea_vla.core.policy.head import ActionHead, ActionHeadConfig, ActionHeadEnsemble
 
 __all__ = [
     "ACTION_SPACES",
@@ -77,6 +83,7 @@ class PolicySpec:
         text_encoder: name of the instruction embedding model.
         trained: false for a random initialisation (the node warns loudly).
         provenance: how the weights were made (command, data, seed, steps); free-form.
+        ensemble_size: heads whose chunks are averaged (1: a single head).
     """
 
     head: ActionHeadConfig
@@ -88,8 +95,11 @@ class PolicySpec:
     text_encoder: str
     trained: bool = False
     provenance: dict = field(default_factory=dict)
+    ensemble_size: int = 1
 
     def __post_init__(self):
+        if not is_int(self.ensemble_size) or self.ensemble_size < 1:
+            raise ValueError(f"ensemble_size={self.ensemble_size!r}: must be an integer >= 1")
         if self.action_space not in ACTION_SPACES:
             raise ValueError(f"action_space={self.action_space!r}: must be one of {', '.join(ACTION_SPACES)}")
         if len(self.action_names) != self.head.action_dim:
@@ -114,6 +124,7 @@ class PolicySpec:
             "text_encoder": {"name": self.text_encoder, "dim": self.head.instruction_dim},
             "trained": self.trained,
             "provenance": self.provenance,
+            "ensemble_size": self.ensemble_size,
         }
 
     @classmethod
@@ -148,6 +159,7 @@ class PolicySpec:
                 text_encoder=text["name"],
                 trained=bool(document.get("trained", False)),
                 provenance=dict(document.get("provenance", {})),
+                ensemble_size=document.get("ensemble_size", 1),
             )
         except KeyError as exc:
             raise CheckpointError(f"{where}: missing field {exc}") from exc
@@ -184,16 +196,20 @@ class PolicySpec:
                 raise CheckpointError(f"checkpoint {name}={stored!r} but this node runs {name}={running!r}")
 
 
-def save_policy(path: str | os.PathLike, model: ActionHead, spec: PolicySpec) -> Path:
+def save_policy(path: str | os.PathLike, model: ActionHead | ActionHeadEnsemble, spec: PolicySpec) -> Path:
     """Write ``config.json`` and ``model.safetensors`` (float32) into the folder ``path``.
 
     Raises:
-        CheckpointError: the model's architecture differs from ``spec.head``.
+        CheckpointError: the model's architecture differs from ``spec.head``, or its number of
+            members from ``spec.ensemble_size``.
     """
     from safetensors.torch import save_file
 
     if model.cfg != spec.head:
         raise CheckpointError(f"model config {model.cfg} differs from spec.head {spec.head}")
+    members = len(model.members) if isinstance(model, ActionHeadEnsemble) else 1
+    if members != spec.ensemble_size:
+        raise CheckpointError(f"the model has {members} head(s) but spec.ensemble_size={spec.ensemble_size}")
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -221,8 +237,9 @@ def read_spec(path: str | os.PathLike) -> PolicySpec:
     return PolicySpec.from_json(document, where=str(config))
 
 
-def load_policy(path: str | os.PathLike) -> tuple[ActionHead, PolicySpec]:
-    """Load a checkpoint folder into a float32 CPU :class:`ActionHead`.
+def load_policy(path: str | os.PathLike) -> tuple[ActionHead | ActionHeadEnsemble, PolicySpec]:
+    """Load a checkpoint folder into a float32 CPU :class:`ActionHead` (an :class:`ActionHeadEnsemble`
+    when ``ensemble_size`` > 1).
 
     Returns:
         ``(model, spec)``.
@@ -242,7 +259,10 @@ def load_policy(path: str | os.PathLike) -> tuple[ActionHead, PolicySpec]:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{weights}: unreadable ({exc})") from exc
-    model = ActionHead(spec.head)
+    if spec.ensemble_size == 1:
+        model = ActionHead(spec.head)
+    else:
+        model = ActionHeadEnsemble([ActionHead(spec.head) for _ in range(spec.ensemble_size)])
     expected = model.state_dict()
     problems = [f"missing {k}" for k in expected if k not in tensors]
     problems += [f"unexpected {k}" for k in tensors if k not in expected]

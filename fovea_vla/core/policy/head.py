@@ -25,6 +25,10 @@ Every image token also gets where it was sampled: its centre (x / W, y / H) and 
 added to the token. The encoder embeds positions too, but the head should not depend on how well a
 given (possibly random or fine-tuned) encoder preserved them.
 
+:class:`ActionHeadEnsemble` averages the chunks of several heads of one architecture trained apart
+(other seeds): a behaviour-cloned head's errors away from the demonstrations differ from seed to
+seed, and the mean keeps what they agree on (deep ensembles, Lakshminarayanan et al., NeurIPS 2017).
+
 Shapes: B batch, N image tokens, T = token_dim, I = instruction_dim, S = state_dim, K = chunk_size,
 A = action_dim, W = width.
 """
@@ -41,7 +45,7 @@ from torch import nn
 from fovea_vla.core._validation import is_int, is_real
 from fovea_vla.core.encoder import Block
 
-__all__ = ["ActionHead", "ActionHeadConfig"]
+__all__ = ["ActionHead", "ActionHeadConfig", "ActionHeadEnsemble"]
 
 # Rows of ActionHead.type_embed: which part of the sequence a position belongs to.
 _QUERY, _INSTRUCTION, _STATE, _IMAGE = range(4)
@@ -360,3 +364,43 @@ class ActionHead(nn.Module):
     def _state_offset(self, state: torch.Tensor) -> torch.Tensor:
         """(B, 1, A) the state values the delta dims are relative to (0 for absolute dims)."""
         return (state.float()[:, self._delta_index] * self._delta_mask)[:, None]
+
+
+class ActionHeadEnsemble(nn.Module):
+    """Heads of one architecture whose chunk (and auxiliary output) is the mean of theirs, in robot
+    units: each member keeps its own normalisation statistics. Runs wherever an :class:`ActionHead`
+    does (same ``cfg``, ``forward``, ``forward_aux``, ``half_precision``)."""
+
+    def __init__(self, members: list[ActionHead]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"ActionHeadEnsemble: {len(members)} member(s); an ensemble needs at least 2")
+        for index, member in enumerate(members[1:], start=1):
+            if member.cfg != members[0].cfg:
+                raise ValueError(
+                    f"ActionHeadEnsemble: member {index} has config {member.cfg}, member 0 {members[0].cfg}"
+                )
+        self.members = nn.ModuleList(members)
+
+    @property
+    def cfg(self) -> ActionHeadConfig:
+        return self.members[0].cfg
+
+    def half_precision(self, dtype: torch.dtype) -> ActionHeadEnsemble:
+        """Cast every member's weights to ``dtype`` (normalisation buffers stay float32)."""
+        for member in self.members:
+            member.half_precision(dtype)
+        return self
+
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, instruction: torch.Tensor, state: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, K, A) float32: the members' mean chunk in robot units (see :meth:`ActionHead.forward`)."""
+        return torch.stack([member(tokens, positions, instruction, state) for member in self.members]).mean(0)
+
+    def forward_aux(
+        self, tokens: torch.Tensor, positions: torch.Tensor, instruction: torch.Tensor, state: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, E) float32: the members' mean auxiliary output (see :meth:`ActionHead.forward_aux`)."""
+        outputs = [member.forward_aux(tokens, positions, instruction, state) for member in self.members]
+        return torch.stack(outputs).mean(0)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fovea_vla.core import accel
-from fovea_vla.core.policy.head import ActionHead
+from fovea_vla.core.policy.head import ActionHead, ActionHeadEnsemble
 
 __all__ = ["ActionHeadRunner", "HeadOutput", "RunnerConfig"]
 
@@ -95,7 +95,7 @@ class ActionHeadRunner:
         RuntimeError: a CUDA device is configured but absent.
     """
 
-    def __init__(self, model: ActionHead, cfg: RunnerConfig | None = None):
+    def __init__(self, model: ActionHead | ActionHeadEnsemble, cfg: RunnerConfig | None = None):
         cfg = cfg or RunnerConfig()
         self.cfg = cfg
         self.device = cfg.resolved_device()
