@@ -88,7 +88,8 @@ class ActionHeadRunner:
     """The action head on its device, at batch 1.
 
     Args:
-        model: a float32 CPU :class:`ActionHead` (from :func:`load_policy`); moved and cast here.
+        model: a float32 CPU :class:`ActionHead` or :class:`ActionHeadEnsemble` (from :func:`load_policy`);
+            moved and cast here.
         cfg: device, dtype and graph settings.
 
     Raises:
