@@ -223,14 +223,17 @@ def test_set_fixation_service_and_clicked_point_move_the_fixation(ros_probe, raw
     ros_probe.wait_for(lambda: clicked.get_subscription_count() > 0, STARTUP_S, "clicked_point subscriber", processes)
     ros_probe.wait_for(lambda: info_pub.get_subscription_count() > 0, STARTUP_S, "camera_info subscriber", processes)
     fx, cx, cy = 200.0, 159.5, 119.5
-    info_pub.publish(CameraInfo(header=header(ros_probe), width=320, height=240, k=[fx, 0.0, cx, 0.0, fx, cy, 0, 0, 1]))
-    point = PointStamped(header=header(ros_probe))
-    point.point.x, point.point.y, point.point.z = 0.25, -0.1, 1.0  # -> pixel (209.5, 99.5)
-    clicked.publish(point)
     expected = (cx + fx * 0.25, cy - fx * 0.1)
     # The point, the camera info and the frames travel on different topics: on a loaded machine a few
-    # frames may be handled before the point (and the intrinsics that project it) arrive.
+    # frames may be handled before the point arrives, and a point that comes before the intrinsics is
+    # projected with default_fov_deg; so both are sent again until the fixation lands where they say.
     for _ in range(10):
+        info_pub.publish(
+            CameraInfo(header=header(ros_probe), width=320, height=240, k=[fx, 0.0, cx, 0.0, fx, cy, 0, 0, 1])
+        )
+        point = PointStamped(header=header(ros_probe))
+        point.point.x, point.point.y, point.point.z = 0.25, -0.1, 1.0  # -> pixel (209.5, 99.5)
+        clicked.publish(point)
         msg = image_msg(rgb, header(ros_probe))
         send_and_wait(ros_probe, publisher, outputs, msg, "frame after clicked_point", processes)
         fixation = outputs.fixation_for(stamp_to_ns(msg.header.stamp))
