@@ -97,19 +97,11 @@ def _cmd_ensemble(args) -> int:
         model, spec = load_policy(path)
         heads.extend(model.members if isinstance(model, ActionHeadEnsemble) else [model])
         specs.append(spec)
-    # Members must read the same tokens and state and mean the same actions: everything but the
-    # provenance (and the member count) agrees.
+    # Members must read the same tokens and state and mean the same actions: every field agrees but the
+    # provenance and the member count.
+    compared = [f.name for f in dataclasses.fields(PolicySpec) if f.name not in ("provenance", "ensemble_size")]
     for path, spec in zip(args.checkpoints[1:], specs[1:], strict=True):
-        for name in (
-            "head",
-            "action_space",
-            "action_names",
-            "state_names",
-            "step_s",
-            "encoder_architecture",
-            "text_encoder",
-            "trained",
-        ):
+        for name in compared:
             if getattr(spec, name) != getattr(specs[0], name):
                 raise CheckpointError(
                     f"policy ensemble: {path} has {name}={getattr(spec, name)!r}, "
@@ -135,7 +127,9 @@ def _cmd_ensemble(args) -> int:
 
 
 def add_policy_parser(sub) -> None:
-    policy = sub.add_parser("policy", help="policy checkpoints: write an untrained one, describe one")
+    policy = sub.add_parser(
+        "policy", help="policy checkpoints: write an untrained one, describe one, embed instructions, ensemble"
+    )
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
     init = policy_sub.add_parser(
         "init",
